@@ -1,0 +1,484 @@
+"""
+A handwritten Mistral / Llama decoder that loads and saves Hugging Face safetensors checkpoints
+and produces the same logits as `transformers` (fp32, <= 1e-5), plus static-KV-cache generation.
+
+Module names mirror Hugging Face's, so a checkpoint key is our parameter name with "model." in
+front (except lm_head.weight): no renaming table to get wrong.
+"""
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that does not match what the model expects."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336          # SwiGLU intermediate size
+    vocab_size: int = 32000
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    sliding_window: Optional[int] = 4096   # None = full causal attention
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    model_type: str = "mistral"      # "mistral" or "llama" (only changes config.json and sliding window)
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
+        """Read any of the three config.json dialects (Mistral v0.1, transformers 4.x, 5.x)."""
+        def need(key):
+            if key not in cfg or cfg[key] is None:
+                raise CheckpointError(f"{source}: missing required field '{key}'")
+            return cfg[key]
+        mtype = cfg.get("model_type", "mistral")
+        if mtype not in ("mistral", "llama"):
+            raise CheckpointError(f"{source}: model_type '{mtype}' is not supported (mistral, llama)")
+        for key in ("attention_bias", "mlp_bias"):
+            if cfg.get(key):
+                raise CheckpointError(f"{source}: '{key}: true' is not supported (this model has no biases)")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
+            raise CheckpointError(f"{source}: rope type '{rope.get('rope_type', rope.get('type'))}' is not supported")
+        dim, n_heads = need("hidden_size"), need("num_attention_heads")
+        eos = cfg.get("eos_token_id", 2)
+        return cls(
+            dim=dim, n_layers=need("num_hidden_layers"), n_heads=n_heads,
+            n_kv_heads=cfg.get("num_key_value_heads") or n_heads,
+            head_dim=cfg.get("head_dim") or dim // n_heads,
+            hidden_dim=need("intermediate_size"), vocab_size=need("vocab_size"),
+            norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=float(cfg.get("rope_theta") or rope.get("rope_theta") or 10000.0),
+            # HF's MistralConfig defaults a missing sliding_window to 4096; Llama has none.
+            sliding_window=cfg.get("sliding_window", 4096) if mtype == "mistral" else None,
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            bos_token_id=cfg.get("bos_token_id", 1),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=mtype)
+
+    def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
+        """transformers-4.x dialect (top-level rope_theta, integer head_dim); 5.x reads it too."""
+        arch = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}[self.model_type]
+        cfg = {"architectures": [arch], "model_type": self.model_type, "hidden_size": self.dim,
+               "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+               "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
+               "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size,
+               "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta, "hidden_act": "silu",
+               "max_position_embeddings": self.max_position_embeddings,
+               "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
+               "eos_token_id": self.eos_token_id, "attention_dropout": 0.0,
+               "torch_dtype": str(dtype).removeprefix("torch.")}
+        if self.model_type == "mistral":
+            cfg["sliding_window"] = self.sliding_window
+        else:
+            cfg.update(attention_bias=False, mlp_bias=False)
+        return cfg
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # Normalise in fp32 and cast back *before* the weight multiply: HF's order, needed for parity.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float):
+    """cos/sin [B, T, head_dim] in fp32, rotate_half layout (the two halves share frequencies)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    freqs = position_ids[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x, cos, sin):
+    # HF checkpoints store q/k rows permuted for this "rotate_half" layout, so no un-permutation here.
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos[:, None].to(x.dtype) + rotated * sin[:, None].to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Static, preallocated cache (gpt-fast style): fixed shapes so decoding can be compiled."""
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos, k, v):
+        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
+        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.head_dim
+        self.q_proj = nn.Linear(a.dim, a.n_heads * a.head_dim, bias=False)
+        self.k_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.v_proj = nn.Linear(a.dim, a.n_kv_heads * a.head_dim, bias=False)
+        self.o_proj = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None and input_pos is not None:
+            k, v = self.cache.update(input_pos, k, v)
+        # Query head h reads kv head h // (n_heads / n_kv_heads): exactly SDPA's enable_gqa grouping.
+        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                           is_causal=mask is None,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(a.dim, a.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(a.hidden_dim, a.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.self_attn, self.mlp = Attention(a), MLP(a)
+        self.input_layernorm = RMSNorm(a.dim, a.norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.dim, a.norm_eps)
+
+    def forward(self, x, cos, sin, mask, input_pos=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.grad_checkpointing = False
+
+    # ---------------------------------------------------------------- helpers
+    def init_weights(self, std: float = 0.02, seed: Optional[int] = None):
+        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    p.fill_(1.0)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g) * std)
+        return self
+
+    def num_params(self, exclude_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # parameters() de-duplicates a tied table
+        return n - self.embed_tokens.weight.numel() if exclude_embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: 6 per matmul weight (fwd + bwd) + attention scores/values
+        (12·L·H·hd·T, as nanoGPT/torchtitan; the embedding lookup is no matmul, the window caps T)."""
+        a = self.args
+        t = min(seq_len, a.sliding_window or seq_len)
+        return 6 * self.num_params(exclude_embedding=not a.tie_word_embeddings) \
+            + 12 * a.n_layers * a.n_heads * a.head_dim * t
+
+    def set_activation_checkpointing(self, on: bool = True):
+        self.grad_checkpointing = on
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None):
+        w = self.embed_tokens.weight
+        for layer in self.layers:
+            layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
+                                            dtype or w.dtype, w.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.self_attn.cache = None
+
+    def _mask(self, q_idx, n_keys, attention_mask, device):
+        """Boolean [B|1, 1, Tq, S] mask, or None when plain causal attention is exact (fast path)."""
+        w = self.args.sliding_window
+        T = q_idx.numel()
+        if attention_mask is None and n_keys == T and (w is None or T <= w):
+            return None
+        k_idx = torch.arange(n_keys, device=device)
+        allowed = k_idx[None, :] <= q_idx[:, None]               # causal
+        if w is not None:
+            allowed = allowed & (k_idx[None, :] > q_idx[:, None] - w)   # HF: 0 <= i - j < window
+        allowed = allowed[None]
+        if attention_mask is not None:
+            # A padding query would see no key at all (NaN rows that leak through V in later layers):
+            # let every query see itself. Real queries are unaffected.
+            allowed = allowed & attention_mask[:, None, :n_keys].bool() | (k_idx[None, :] == q_idx[:, None])
+        return allowed[:, None]
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
+                mix_ids=None, mix_lambda: float = 0.0, freeze_embeddings: bool = False,
+                select=None, return_hidden: bool = False, input_pos=None):
+        """input_ids [B,T] or inputs_embeds [B,T,D] -> logits [B,T,V].
+        mix_ids/mix_lambda: IFT's temporal residual connection, (1-λ)E(ids) + λE(mix_ids), computed
+          here so the (possibly FSDP-sharded) embedding table is only touched inside forward.
+        select: bool [B,T] -> logits only at those positions, [N,V] (a 32k vocab never materialised
+          for prompt tokens). return_hidden: final-norm hidden states instead of logits.
+        input_pos: cache indices of these tokens (generation with the static KV cache)."""
+        if inputs_embeds is None:
+            W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
+            h = F.embedding(input_ids, W)
+            if mix_ids is not None and mix_lambda != 0.0:
+                mixed = (1.0 - mix_lambda) * h + mix_lambda * F.embedding(mix_ids, W)
+                h = torch.where((mix_ids == input_ids)[..., None], h, mixed)  # exact where guess == truth
+        else:
+            h = inputs_embeds
+        B, T = h.shape[:2]
+        if attention_mask is not None and input_pos is None and position_ids is None \
+                and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
+            attention_mask = None  # right padding: causal attention is already exact for real tokens
+        q_idx = input_pos if input_pos is not None else torch.arange(T, device=h.device)
+        if position_ids is None:
+            if attention_mask is not None and input_pos is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            else:
+                position_ids = q_idx[None].expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        n_keys = self.layers[0].self_attn.cache.k.shape[2] if input_pos is not None else T
+        mask = self._mask(q_idx, n_keys, attention_mask, h.device)
+        for layer in self.layers:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, input_pos)
+        h = self.norm(h)
+        if select is not None:
+            h = h[select]
+        return h if return_hidden else self.lm_head(h)
+
+    # ---------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k=None,
+                 top_p=None, seed=None, stop_ids=None, pad_id=None):
+        """Batched generation over prompts of different lengths (left-padded, static KV cache).
+        Returns the new ids of each prompt, the stop token included when hit and nothing after it."""
+        dev = self.embed_tokens.weight.device
+        B, P = len(prompts), max(len(p) for p in prompts)
+        if min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        S = P + max_new_tokens
+        stop = torch.tensor(stop_ids if stop_ids is not None else [self.args.eos_token_id], device=dev)
+        pad = pad_id if pad_id is not None else self.args.eos_token_id
+        ids = torch.full((B, P), pad, dtype=torch.long, device=dev)
+        valid = torch.zeros(B, S, dtype=torch.long, device=dev)
+        for b, p in enumerate(prompts):
+            ids[b, P - len(p):] = torch.tensor(p, device=dev)
+            valid[b, P - len(p):] = 1                 # the generated slots are valid too
+        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        out = []
+        self.setup_cache(B, S)
+        try:
+            logits = self(ids, attention_mask=valid, position_ids=pos,
+                          input_pos=torch.arange(P, device=dev))[:, -1]
+            next_pos = pos[:, -1:] + 1
+            for i in range(max_new_tokens):
+                tok = sample(logits.float(), temperature, top_k, top_p, gen)
+                tok = torch.where(done, torch.full_like(tok, pad), tok)
+                out.append(tok)
+                done = done | torch.isin(tok, stop)
+                if bool(done.all()) or i == max_new_tokens - 1:
+                    break
+                logits = self(tok[:, None], attention_mask=valid, position_ids=next_pos,
+                              input_pos=torch.tensor([P + i], device=dev))[:, -1]
+                next_pos = next_pos + 1
+        finally:
+            self.clear_cache()
+        toks = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
+        stops = set(stop.tolist())
+        result = []
+        for row in toks:
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            result.append(row[:end])
+        return result
+
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
+        """Load a Hugging Face checkpoint directory (single file or shards). Built on the meta device
+        and filled tensor by tensor with assign=True, so a 7B load never holds two copies in RAM."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise CheckpointError(f"{path}: no config.json")
+        try:
+            with open(cfg_path) as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+        args = ModelArgs.from_hf_config(cfg, cfg_path)
+        dtype = dtype or torch.float32
+        with torch.device("meta"):
+            model = cls(args)
+        expected = {n: p.shape for n, p in model.named_parameters()}  # tied: no lm_head.weight
+        files = _weight_files(path)
+        state = {}
+        from safetensors import safe_open
+        for fname, keys in files.items():
+            with safe_open(fname, framework="pt", device="cpu") as f:
+                present = set(f.keys())
+                for key in keys if keys is not None else sorted(present):
+                    if key not in present:
+                        raise CheckpointError(f"{fname}: index says it holds '{key}', but it does not")
+                    name = key[len("model."):] if key.startswith("model.") else key
+                    if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
+                        continue  # recomputed / tied: stored copies are redundant
+                    if name not in expected:
+                        raise CheckpointError(f"{fname}: unexpected key '{key}'")
+                    t = f.get_tensor(key)
+                    if tuple(t.shape) != tuple(expected[name]):
+                        raise CheckpointError(f"{fname}: '{key}' has shape {tuple(t.shape)}, "
+                                              f"expected {tuple(expected[name])} from {cfg_path}")
+                    state[name] = t.to(device=device, dtype=dtype)
+        missing = [n for n in expected if n not in state]
+        if missing:
+            raise CheckpointError(f"{path}: missing key(s) {', '.join('model.' + m if m != 'lm_head.weight' else m for m in missing[:5])}"
+                                  + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        model.load_state_dict(state, strict=False, assign=True)
+        if args.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
+    def save_pretrained(self, path, state_dict=None, dtype=None, max_shard_bytes: int = 5 * 2**30,
+                        extra_files: Optional[dict] = None):
+        """Write an HF-layout checkpoint to a temp dir beside `path`, then rename it into place, so a
+        crash never leaves a half-written directory where a good one was."""
+        atomic_dir(path, lambda tmp: write_checkpoint(tmp, self.args, state_dict or self.state_dict(),
+                                                      dtype, max_shard_bytes, extra_files))
+
+
+def sample(logits, temperature: float, top_k=None, top_p=None, generator=None):
+    """logits [B,V] fp32 -> token ids [B]. Greedy when temperature == 0."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        srt, idx = torch.sort(logits, descending=True, dim=-1)
+        cum = srt.softmax(-1).cumsum(-1)
+        drop = cum - srt.softmax(-1) > top_p        # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def _weight_files(path):
+    """{file: keys-it-should-hold or None (= all)} for a single file or an index of shards."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
+        files = {}
+        for key, shard in weight_map.items():
+            fname = os.path.join(path, shard)
+            if not os.path.isfile(fname):
+                raise CheckpointError(f"{index}: names shard '{shard}' (for '{key}'), which does not exist")
+            files.setdefault(fname, []).append(key)
+        return files
+    if os.path.isfile(single):
+        return {single: None}
+    raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def write_checkpoint(out_dir, args: ModelArgs, state_dict, dtype=None, max_shard_bytes=5 * 2**30,
+                     extra_files: Optional[dict] = None):
+    """Write config.json + safetensors (sharded above max_shard_bytes) into an existing directory."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, t in state_dict.items():
+        if args.tie_word_embeddings and name == "lm_head.weight":
+            continue  # tied: HF stores the table once
+        key = name if name == "lm_head.weight" else "model." + name
+        t = t.detach()
+        tensors[key] = (t.to(dtype) if dtype else t).to("cpu").contiguous()
+    shards, cur, size = [], {}, 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if cur and size + nbytes > max_shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[key], size = t, size + nbytes
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(out_dir, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+    saved_dtype = dtype or next(iter(tensors.values())).dtype
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(args.to_hf_config(saved_dtype), f, indent=2)
+    for name, src in (extra_files or {}).items():
+        shutil.copyfile(src, os.path.join(out_dir, name))
+
+
+def atomic_dir(path, write_fn):
+    """Run write_fn(tmp_dir) on a fresh temp dir beside `path`, then swap it into place."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
+    try:
+        write_fn(tmp)
+        if os.path.exists(path):
+            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
+            os.rename(path, os.path.join(old, "x"))
+            os.rename(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
