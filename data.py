@@ -1,0 +1,444 @@
+"""
+Data for nanoIFT: sentencepiece tokenizer, the Zephyr chat template rendered straight to ids and
+labels (SPEC §5), readers for the formats users bring (SPEC §6), SFT/IFT and pairwise examples with
+truncation, padding, a deterministic length-grouped sharded batch plan, and a synthetic task (plus
+tokenizer training) for the demo and the tests. Show what the model will be trained on:
+    python data.py --tokenizer PATH/tokenizer.model --data FILE [--index N] [--json]
+
+Token rule (HF's "legacy" Llama/Mistral tokenizer): split the rendered text at every "</s>", encode
+each piece with sentencepiece (each gets the dummy-prefix "▁"), join with the EOS id, prepend BOS.
+So a literal "</s>" inside a message becomes the EOS id, as the HF tokenizer of those models makes it
+(inside an assistant turn it is supervised like the rest of the answer; load_* count such rows).
+Pieces are encoded by sentencepiece itself: HF's *fast* tokenizer differs on runs of spaces.
+"""
+import argparse
+import io
+import json
+import os
+import random
+import re
+import sys
+
+import numpy as np
+import torch
+
+IGNORE = -100
+ROLES = ("system", "user", "assistant")
+EOS_TEXT = "</s>"
+
+
+class Tokenizer:
+    """A sentencepiece model (Mistral v0.1: vocab 32000, unk 0, bos 1, eos 2, no pad)."""
+
+    def __init__(self, path):
+        import sentencepiece as spm
+        self.path = os.fspath(path)
+        self.sp = spm.SentencePieceProcessor(model_file=self.path)
+        self.vocab_size = self.sp.get_piece_size()
+        self.bos_id, self.eos_id, self.unk_id = self.sp.bos_id(), self.sp.eos_id(), self.sp.unk_id()
+        # No pad in Mistral's model: pad with unk, never EOS, so padding can't pass for an answer's
+        # EOS. Labels on padding are -100 and masks come from lengths regardless.
+        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.unk_id
+        self._nl_barrier = None
+
+    def encode(self, text, dummy_prefix=True):
+        """Ids, no BOS/EOS. dummy_prefix=False (HF non-legacy, after a special token): sentencepiece
+        can't switch the prefix off per call, so encode "\\n" + text and strip the ids of "\\n". Exact
+        when no piece contains "\\n" (Mistral's and ours: a byte token), as BPE never merges across it."""
+        if dummy_prefix:
+            return self.sp.encode(text)
+        if self._nl_barrier is None:
+            self._nl_barrier = not any("\n" in self.sp.id_to_piece(i) for i in range(self.vocab_size))
+        head, ids = self.sp.encode("\n"), self.sp.encode("\n" + text)
+        if not self._nl_barrier or ids[:len(head)] != head:
+            raise ValueError(f"{self.path}: has pieces containing a newline; non-legacy encoding unsupported")
+        return ids[len(head):]
+
+    def decode(self, ids):   # ids past the vocabulary (a model's padded embedding) have no text
+        return self.sp.decode([int(i) for i in ids if 0 <= i < self.vocab_size])
+
+    def text_of(self, ids):
+        """The exact text of ids token by token (leading spaces kept, <s> and </s> spelled out)."""
+        buf = bytearray()
+        for i in map(int, ids):
+            p = self.sp.id_to_piece(i)
+            buf += bytes([int(p[3:5], 16)]) if self.sp.is_byte(i) else p.replace("▁", " ").encode()
+        return buf.decode("utf-8", errors="replace")
+
+
+# ---------------------------------------------------------------------------- chat template
+def chat_text(messages, add_generation_prompt=False):
+    """The Zephyr template as text: each message "<|role|>\\n{content}</s>\\n"."""
+    return "".join(f"<|{m['role']}|>\n{m['content']}{EOS_TEXT}\n" for m in messages) + \
+        ("<|assistant|>\n" if add_generation_prompt else "")
+
+
+def render_chat(tok, messages, *, add_generation_prompt=False, last_turn_only=False, legacy=True):
+    """(ids, labels) in one pass. The pieces between EOS are "<|role|>\\n{content}" (first message),
+    "\\n<|role|>\\n{content}" (the "\\n" closes the previous message) and the further parts of a content
+    split at a literal "</s>". Labels: assistant content + its EOS (every assistant turn, or the last
+    only), all else -100 (all of it with add_generation_prompt). legacy=False: no dummy prefix on
+    pieces after an EOS (HF non-legacy); the first piece keeps it in both modes."""
+    if messages or not add_generation_prompt:   # a bare generation prompt is fine
+        _check_messages(messages, "messages", "render_chat")
+    ids, labels = [tok.bos_id], [IGNORE]
+    last = max([i for i, m in enumerate(messages) if m["role"] == "assistant"], default=-1)
+    enc = lambda text, first: tok.encode(text, dummy_prefix=legacy or first)
+    for i, m in enumerate(messages):
+        header = ("\n" if i else "") + f"<|{m['role']}|>\n"
+        train = m["role"] == "assistant" and (i == last or not last_turn_only) and not add_generation_prompt
+        for j, part in enumerate(m["content"].split(EOS_TEXT)):
+            p, skip = enc(header + part if j == 0 else part, i == j == 0), 0
+            if train and j == 0:   # the content starts after the header's tokens: verify, never guess
+                h = enc(header, i == 0)
+                if p[:len(h)] != h:
+                    raise ValueError(f"messages[{i}]: the tokenizer merges the {m['role']} header into the "
+                                     f"content {part[:20]!r}; cannot place the label boundary")
+                skip = len(h)
+            ids += p + [tok.eos_id]
+            labels += [IGNORE] * skip + (p[skip:] + [tok.eos_id] if train else [IGNORE] * (len(p) - skip + 1))
+    tail = ("\n" if messages else "") + ("<|assistant|>\n" if add_generation_prompt else "")
+    if tail:   # the newline after the last EOS (masked), then the generation prompt
+        t = enc(tail, not messages)
+        ids, labels = ids + t, labels + [IGNORE] * len(t)
+    return ids, labels
+
+
+# ---------------------------------------------------------------------------- readers
+def _check_messages(msgs, name, where):
+    if not isinstance(msgs, list) or not msgs:
+        raise ValueError(f"{where}: '{name}' must be a non-empty list of messages, got {msgs!r:.60}")
+    for i, m in enumerate(msgs):
+        f = f"{where}: {name}[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{f} must be an object with 'role' and 'content', got {m!r:.60}")
+        if "role" not in m or "content" not in m:
+            raise ValueError(f"{f} has no '{'content' if 'role' in m else 'role'}' field")
+        if m["role"] not in ROLES:
+            raise ValueError(f"{f}.role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"{f}.content must be a string, got {type(m['content']).__name__}")
+    return [{"role": m["role"], "content": m["content"]} for m in msgs]
+
+
+def _string(row, k, where):
+    if k not in row:
+        raise ValueError(f"{where}: missing field '{k}' (fields present: {', '.join(sorted(row))})")
+    if not isinstance(row[k], str):
+        raise ValueError(f"{where}: field '{k}' must be a string, got {type(row[k]).__name__}")
+    return row[k]
+
+
+def conversations(row, where="row"):
+    """(messages, rejected messages or None) of a row: chat {"messages"}, preference {"chosen",
+    "rejected"} as message lists or as strings with "prompt", or plain {"prompt", "response"}.
+    SFT/IFT on a preference row uses its chosen side."""
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if "chosen" in row or "rejected" in row:
+        if isinstance(row.get("chosen"), str) or isinstance(row.get("rejected"), str):
+            p = _string(row, "prompt", where)
+            return tuple([{"role": "user", "content": p}, {"role": "assistant", "content": _string(row, k, where)}]
+                         for k in ("chosen", "rejected"))
+        for k in ("chosen", "rejected"):
+            if k not in row:
+                raise ValueError(f"{where}: preference row without field '{k}'")
+        return _check_messages(row["chosen"], "chosen", where), _check_messages(row["rejected"], "rejected", where)
+    if "messages" in row:
+        return _check_messages(row["messages"], "messages", where), None
+    if "prompt" in row or "response" in row:
+        return [{"role": "user", "content": _string(row, "prompt", where)},
+                {"role": "assistant", "content": _string(row, "response", where)}], None
+    raise ValueError(f"{where}: unknown row kind (fields: {', '.join(sorted(row))}); expected 'messages', "
+                     f"'chosen'+'rejected', or 'prompt'+'response'")
+
+
+def _load_file(path):
+    """[(where, row)]: .jsonl (and .json holding JSON lines, as HF's to_json writes), .json list, .parquet."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ImportError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+        return [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
+    if ext not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if ext == ".json" and text.lstrip().startswith("["):
+        try:
+            return [(f"{path} row {i}", r) for i, r in enumerate(json.loads(text))]
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    out = []
+    for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 may sit inside a string
+        try:
+            out += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+    return out
+
+
+def _located(src):
+    if isinstance(src, (str, os.PathLike)):
+        return _load_file(os.fspath(src))
+    return [(f"row {i}", r) for i, r in enumerate(src)]
+
+
+def read_rows(path):
+    """All rows of a file, each checked (an error names file:line or 'file row N', and the field)."""
+    rows = _load_file(os.fspath(path))
+    for where, r in rows:
+        conversations(r, where)
+    return [r for _, r in rows]
+
+
+def _render(where, tok, msgs, **kw):
+    try:
+        return render_chat(tok, msgs, **kw)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
+# ---------------------------------------------------------------------------- examples
+def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True):
+    """SFT/IFT examples {"input_ids", "labels"} from a file or a list of rows, and counts. Too long:
+    keep the start; an example left without a supervised token is dropped (and counted)."""
+    out, st = [], {"rows": 0, "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0}
+    for where, (msgs, _) in [(w, conversations(r, w)) for w, r in _located(src)]:   # check all rows first
+        st["rows"] += 1
+        st["literal_eos"] += any(EOS_TEXT in m["content"] for m in msgs)
+        ids, labels = _render(where, tok, msgs, last_turn_only=last_turn_only, legacy=legacy)
+        if max_length and len(ids) > max_length:
+            ids, labels, st["truncated"] = ids[:max_length], labels[:max_length], st["truncated"] + 1
+        if all(x == IGNORE for x in labels):
+            st["dropped"] += 1
+        else:
+            out.append({"input_ids": ids, "labels": labels})
+    st["examples"] = len(out)
+    return out, st
+
+
+def _pair(row, where):
+    c, r = conversations(row, where)
+    if r is None:
+        raise ValueError(f"{where}: a pairwise objective needs 'chosen' and 'rejected' fields")
+    for name, m in (("chosen", c), ("rejected", r)):
+        if m[-1]["role"] != "assistant":
+            raise ValueError(f"{where}: the last message of '{name}' must be the assistant's answer")
+    if c[:-1] != r[:-1]:
+        raise ValueError(f"{where}: 'chosen' and 'rejected' have different prompts (messages before the answer)")
+    return c, r
+
+
+def load_pairs(src, tok, max_length=None, max_prompt_length=None, *, legacy=True):
+    """Pairwise examples {"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt is the conversation
+    before the final assistant turn plus the generation prompt; an answer is that turn's content ids
+    and its EOS (all supervised). Too long (prompt + longer answer > max_length), DPO-repo style: keep
+    the prompt's start up to max_prompt_length (None: leave it), then cut the answers to fit."""
+    out, st = [], {"rows": 0, "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0}
+    for where, (c, r) in [(w, _pair(row, w)) for w, row in _located(src)]:
+        st["rows"] += 1
+        st["literal_eos"] += any(EOS_TEXT in m["content"] for m in c + r[-1:])
+        prompt = _render(where, tok, c[:-1], add_generation_prompt=True, legacy=legacy)[0]
+        ans = []
+        for m in (c, r):
+            ids, labels = _render(where, tok, m, last_turn_only=True, legacy=legacy)
+            sup = [i for i, x in enumerate(labels) if x != IGNORE]
+            assert ids[:len(prompt)] == prompt and sup[0] == len(prompt), where
+            ans.append(ids[len(prompt):sup[-1] + 1])
+        if max_length and len(prompt) + max(map(len, ans)) > max_length:
+            st["truncated"] += 1
+            prompt = prompt if max_prompt_length is None else prompt[:max_prompt_length]
+            ans = [a[:max(0, max_length - len(prompt))] for a in ans]
+        if all(ans):
+            out.append({"prompt_ids": prompt, "chosen_ids": ans[0], "rejected_ids": ans[1]})
+        else:
+            st["dropped"] += 1
+    st["examples"] = len(out)
+    return out, st
+
+
+# ---------------------------------------------------------------------------- batching
+def collate(examples, pad_id):
+    """Right padding. Labels are -100 and the mask 0 past each row's length (never from ids == pad)."""
+    B, T = len(examples), max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for b, e in enumerate(examples):
+        n = len(e["input_ids"])
+        assert len(e["labels"]) == n, "input_ids and labels differ in length"
+        ids[b, :n], labels[b, :n], mask[b, :n] = torch.tensor(e["input_ids"]), torch.tensor(e["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def collate_pairs(examples, pad_id):
+    """[2B, T]: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected; labels -100 on prompt and pad."""
+    return collate([{"input_ids": e["prompt_ids"] + e[k], "labels": [IGNORE] * len(e["prompt_ids"]) + e[k]}
+                    for k in ("chosen_ids", "rejected_ids") for e in examples], pad_id)
+
+
+class Plan(list):
+    """batch_plan's result, a list over optimizer steps; .dropped = examples left out this epoch."""
+    dropped = 0
+
+
+def batch_plan(lengths, micro_batch_size, grad_accum, world_size, rank, seed, epoch, group_by_length=True,
+               megabatch=8):
+    """plan[step][micro_step] = this rank's example indices for one epoch. The order comes from
+    (seed, epoch) alone, so all ranks agree; the final incomplete global batch (micro*accum*world) is
+    dropped (plan.dropped). A micro-step is a block of micro*world consecutive indices, rank r taking
+    the r-th slice, so the union over ranks is what one process with micro*world gets.
+    group_by_length: sort by length inside chunks of `megabatch` global batches, then shuffle the
+    blocks: little padding, random order. Resume at (epoch, step) = batch_plan(..., epoch)[step:]."""
+    assert micro_batch_size > 0 and grad_accum > 0 and 0 <= rank < world_size
+    per_micro = micro_batch_size * world_size
+    n_steps = len(lengths) // (per_micro * grad_accum)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))[:n_steps * per_micro * grad_accum]
+    if group_by_length and n_steps:
+        lens, M = np.asarray(lengths), megabatch * per_micro * grad_accum
+        order = np.concatenate([c[np.argsort(-lens[c], kind="stable")] for c in np.split(order, range(M, len(order), M))])
+    blocks = [order[i:i + per_micro] for i in range(0, len(order), per_micro)]
+    if group_by_length:
+        blocks = [blocks[i] for i in rng.permutation(len(blocks))]
+    lo = rank * micro_batch_size
+    plan = Plan([[blocks[s * grad_accum + a][lo:lo + micro_batch_size].tolist() for a in range(grad_accum)]
+                 for s in range(n_steps)])
+    plan.dropped = len(lengths) - len(order)
+    return plan
+
+
+# ---------------------------------------------------------------------------- synthetic task
+SYSTEM_PROMPTS = ["You are a careful calculator.", "Answer with the result only."]
+_QUESTION = re.compile(r"Add (\d+) and (\d+)\.|(Reverse|Sort) the list ((?:\d )*\d)\.")
+
+
+def _qa(rng):
+    kind = rng.randrange(3)
+    if kind == 0:
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        return f"Add {a} and {b}.", f"{a} + {b} = {a + b}"
+    xs = [str(rng.randint(0, 9)) for _ in range(rng.randint(3, 6))]
+    verb, ys = ("Reverse", xs[::-1]) if kind == 1 else ("Sort", sorted(xs))
+    return f"{verb} the list {' '.join(xs)}.", " ".join(ys)
+
+
+def synthetic_task(n, seed):
+    """n chat rows with short, exactly checkable answers: adding two numbers < 100 with a worked
+    answer, reversing or sorting 3-6 digits. About 1 in 4 has a system prompt, 1 in 10 two turns."""
+    rng, rows = random.Random(seed), []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": rng.choice(SYSTEM_PROMPTS)}] if rng.random() < 0.25 else []
+        for _ in range(2 if rng.random() < 0.1 else 1):
+            q, a = _qa(rng)
+            msgs += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        rows.append({"messages": msgs})
+    return rows
+
+
+def synthetic_pairs(n, seed):
+    """Preference rows over synthetic_task(n, seed): chosen = the right answer, rejected = one digit of
+    the final answer changed; "messages" repeats chosen (as in ultrafeedback_binarized)."""
+    rng, rows = random.Random(f"{seed}-pairs"), []
+    for r in synthetic_task(n, seed):
+        good = r["messages"][-1]["content"]
+        i = rng.choice([i for i, ch in enumerate(good) if ch.isdigit() and i > good.rfind("=")])
+        bad = good[:i] + str((int(good[i]) + rng.randint(1, 9)) % 10) + good[i + 1:]
+        rows.append({"prompt": r["messages"][-2]["content"], "chosen": r["messages"], "messages": r["messages"],
+                     "rejected": r["messages"][:-1] + [{"role": "assistant", "content": bad}]})
+    return rows
+
+
+def check_answer(row_or_prompt, response_text, partial=False):
+    """Score a response to the last synthetic question of a row (dict) or of a prompt text (a decoded
+    prompt works): 1.0 if the final answer is exactly right, else 0.0; partial=True: the fraction of
+    digit positions right (numbers aligned from the right). Usable as a reward function."""
+    text = row_or_prompt
+    if isinstance(row_or_prompt, dict):
+        text = [m["content"] for m in conversations(row_or_prompt)[0] if m["role"] == "user"][-1]
+    found = list(_QUESTION.finditer(text))
+    if not found:
+        raise ValueError(f"no synthetic-task question in {text[-80:]!r}")
+    a, b, verb, xs = found[-1].groups()
+    if a is not None:   # the number last in the response
+        want, got = str(int(a) + int(b))[::-1], (re.findall(r"\d+", response_text) or [""])[-1][::-1]
+    else:
+        xs = xs.split()
+        want, got = "".join(xs[::-1] if verb == "Reverse" else sorted(xs)), "".join(re.findall(r"\d", response_text))
+    if not partial:
+        return float(want == got)
+    return sum(x == y for x, y in zip(want, got)) / max(len(want), len(got))
+
+
+def corpus_text(rows):
+    """Template text of every conversation of rows (both sides of preference rows), for train_tokenizer."""
+    return [chat_text(m, add_generation_prompt=True).replace(EOS_TEXT, "\n")
+            for r in rows for m in conversations(r) if m is not None]
+
+
+def train_tokenizer(texts, prefix_path, vocab_size=512):
+    """sentencepiece BPE with Mistral's settings, written atomically to <prefix>.model. Texts go in
+    line by line from memory (no temp files): like Mistral's, the model never sees a newline, so "\\n"
+    is a byte token that never merges with its neighbours. "<|user|>" etc. stay ordinary text, as in
+    the real tokenizer. vocab_size is an upper bound (small corpora may give fewer pieces)."""
+    import sentencepiece as spm
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=(line for t in texts for line in t.split("\n") if line), model_writer=buf,
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    path = os.fspath(prefix_path) + ".model"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(path + ".tmp", path)
+    return Tokenizer(path)
+
+
+# ---------------------------------------------------------------------------- inspection
+def show(tok, ids, labels):
+    """The text of ids with the supervised runs between ⟦ ⟧."""
+    out, i = [], 0
+    while i < len(ids):
+        j, sup = i, labels[i] != IGNORE
+        while j < len(ids) and (labels[j] != IGNORE) == sup:
+            j += 1
+        out.append(f"⟦{tok.text_of(ids[i:j])}⟧" if sup else tok.text_of(ids[i:j]))
+        i = j
+    return "".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (Zephyr "
+                                 "template, supervised spans between ⟦ ⟧; preference rows: the chosen side).")
+    ap.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    ap.add_argument("--data", required=True, help=".jsonl, .json or .parquet")
+    ap.add_argument("--index", type=int, default=0, help="row number, from 0")
+    ap.add_argument("--json", action="store_true", help='print {"input_ids": [...], "labels": [...]}')
+    ap.add_argument("--last_turn_only", action="store_true", help="supervise only the last assistant turn")
+    ap.add_argument("--non_legacy", action="store_true", help="no dummy-prefix space after each EOS")
+    a = ap.parse_args(argv)
+    try:
+        tok, rows = Tokenizer(a.tokenizer), _load_file(a.data)
+        if not 0 <= a.index < len(rows):
+            raise ValueError(f"--index {a.index} is out of range: {a.data} has {len(rows)} rows")
+        where, row = rows[a.index]
+        msgs, rejected = conversations(row, where)
+        ids, labels = _render(where, tok, msgs, last_turn_only=a.last_turn_only, legacy=not a.non_legacy)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    if a.json:
+        print(json.dumps({"input_ids": ids, "labels": labels}))
+        return
+    kind = "preference row, chosen side" if rejected is not None else "chat row"
+    print(f"{where}: {kind}; {len(ids)} tokens, {sum(x != IGNORE for x in labels)} supervised (between ⟦ ⟧)")
+    print(show(tok, ids, labels))
+
+
+if __name__ == "__main__":
+    main()
