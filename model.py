@@ -250,90 +250,103 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 mix_ids=None, mix_lambda: float = 0.0, freeze_embeddings: bool = False,
-                select=None, return_hidden: bool = False, input_pos=None):
+                select=None, return_hidden: bool = False):
         """input_ids [B,T] or inputs_embeds [B,T,D] -> logits [B,T,V].
+        attention_mask [B,T]: 1 = token, 0 = padding (left or right); positions then count tokens only.
         mix_ids/mix_lambda: IFT's temporal residual connection, (1-λ)E(ids) + λE(mix_ids), computed
           here so the (possibly FSDP-sharded) embedding table is only touched inside forward.
         select: bool [B,T] -> logits only at those positions, [N,V] (a 32k vocab never materialised
-          for prompt tokens). return_hidden: final-norm hidden states instead of logits.
-        input_pos: cache indices of these tokens (generation with the static KV cache)."""
-        if inputs_embeds is None:
-            W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
-            h = F.embedding(input_ids, W)
-            if mix_ids is not None and mix_lambda != 0.0:
-                mixed = (1.0 - mix_lambda) * h + mix_lambda * F.embedding(mix_ids, W)
-                h = torch.where((mix_ids == input_ids)[..., None], h, mixed)  # exact where guess == truth
-        else:
-            h = inputs_embeds
+          for prompt tokens). return_hidden: final-norm hidden states instead of logits."""
+        h = inputs_embeds if inputs_embeds is not None else \
+            self.embed(input_ids, mix_ids, mix_lambda, freeze_embeddings)
         B, T = h.shape[:2]
-        if attention_mask is not None and input_pos is None and position_ids is None \
+        if attention_mask is not None and position_ids is None \
                 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
             attention_mask = None  # right padding: causal attention is already exact for real tokens
-        q_idx = input_pos if input_pos is not None else torch.arange(T, device=h.device)
         if position_ids is None:
-            if attention_mask is not None and input_pos is None:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            else:
-                position_ids = q_idx[None].expand(B, T)
+            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
+                else torch.arange(T, device=h.device)[None].expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
-        n_keys = self.layers[0].self_attn.cache.k.shape[2] if input_pos is not None else T
-        mask = self._mask(q_idx, n_keys, attention_mask, h.device)
+        q_idx = torch.arange(T, device=h.device)
+        h = self.trunk(h, cos, sin, self._mask(q_idx, T, attention_mask, h.device))
+        if select is not None:
+            h = h[select]
+        return h if return_hidden else self.lm_head(h)
+
+    def embed(self, input_ids, mix_ids=None, mix_lambda=0.0, freeze_embeddings=False):
+        W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
+        h = F.embedding(input_ids, W)
+        if mix_ids is not None and mix_lambda != 0.0:
+            mixed = (1.0 - mix_lambda) * h + mix_lambda * F.embedding(mix_ids, W)
+            h = torch.where((mix_ids == input_ids)[..., None], h, mixed)  # exact where guess == truth
+        return h
+
+    def trunk(self, h, cos, sin, mask, input_pos=None):
+        """The blocks + final norm. input_pos: cache slots of these tokens (generation only)."""
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(layer, h, cos, sin, mask, input_pos, use_reentrant=False)
             else:
                 h = layer(h, cos, sin, mask, input_pos)
-        h = self.norm(h)
-        if select is not None:
-            h = h[select]
-        return h if return_hidden else self.lm_head(h)
+        return self.norm(h)
 
     # ---------------------------------------------------------------- generation
-    @torch.no_grad()
     def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k=None,
-                 top_p=None, seed=None, stop_ids=None, pad_id=None):
+                 top_p=None, seed=None, stop_ids=None, pad_id=None, until_all_stop: bool = True):
         """Batched generation over prompts of different lengths (left-padded, static KV cache).
-        Returns the new ids of each prompt, the stop token included when hit and nothing after it."""
+        Returns the new ids of each prompt, the stop token included when hit and nothing after it.
+        until_all_stop=False always runs max_new_tokens steps (FSDP ranks must forward in lockstep)."""
+        if not prompts or min(len(p) for p in prompts) == 0:
+            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        # inference_mode trims per-op overhead; FSDP2 must not allocate its gather buffers under it.
+        with torch.inference_mode(not hasattr(self, "reshard")):
+            toks = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
+                                  pad_id, until_all_stop)
+        stops = set(stop_ids if stop_ids is not None else [self.args.eos_token_id])
+        out = []
+        for row in toks:
+            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
+            out.append(row[:end])
+        return out
+
+    def _generate(self, prompts, n_new, temperature, top_k, top_p, seed, stop_ids, pad_id, until_all_stop):
         dev = self.embed_tokens.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        if min(len(p) for p in prompts) == 0:
-            raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
-        S = P + max_new_tokens
+        S = P + n_new
         stop = torch.tensor(stop_ids if stop_ids is not None else [self.args.eos_token_id], device=dev)
         pad = pad_id if pad_id is not None else self.args.eos_token_id
         ids = torch.full((B, P), pad, dtype=torch.long, device=dev)
-        valid = torch.zeros(B, S, dtype=torch.long, device=dev)
+        valid = torch.ones(B, S, dtype=torch.bool, device=dev)   # generated slots are valid too
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, device=dev)
-            valid[b, P - len(p):] = 1                 # the generated slots are valid too
-        pos = (valid[:, :P].cumsum(-1) - 1).clamp(min=0)
+            valid[b, :P - len(p)] = False
+        # Built once per call, sliced per step: RoPE tables, and the causal+window+padding mask.
+        pos = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+        cos_t, sin_t = rope_cos_sin(torch.arange(S, device=dev), self.args.head_dim, self.args.rope_theta)
+        slots = torch.arange(S, device=dev)
+        mask = self._mask(slots, S, valid, dev)                # [B,1,S,S]
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out = []
         self.setup_cache(B, S)
         try:
-            logits = self(ids, attention_mask=valid, position_ids=pos,
-                          input_pos=torch.arange(P, device=dev))[:, -1]
+            h = self.trunk(self.embed(ids), cos_t[pos], sin_t[pos], mask[:, :, :P], slots[:P])
+            logits = self.lm_head(h[:, -1])
             next_pos = pos[:, -1:] + 1
-            for i in range(max_new_tokens):
+            for i in range(n_new):
                 tok = sample(logits.float(), temperature, top_k, top_p, gen)
                 tok = torch.where(done, torch.full_like(tok, pad), tok)
                 out.append(tok)
                 done = done | torch.isin(tok, stop)
-                if bool(done.all()) or i == max_new_tokens - 1:
+                if (until_all_stop and bool(done.all())) or i == n_new - 1:
                     break
-                logits = self(tok[:, None], attention_mask=valid, position_ids=next_pos,
-                              input_pos=torch.tensor([P + i], device=dev))[:, -1]
+                h = self.trunk(self.embed(tok[:, None]), cos_t[next_pos], sin_t[next_pos],
+                               mask[:, :, P + i:P + i + 1], slots[P + i:P + i + 1])
+                logits = self.lm_head(h[:, -1])
                 next_pos = next_pos + 1
         finally:
             self.clear_cache()
-        toks = torch.stack(out, 1).tolist() if out else [[] for _ in range(B)]
-        stops = set(stop.tolist())
-        result = []
-        for row in toks:
-            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-            result.append(row[:end])
-        return result
+        return torch.stack(out, 1).tolist()
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
