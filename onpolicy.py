@@ -1,0 +1,182 @@
+"""
+On-policy mode of train.py (Tajwar et al. 2024, SPEC_ONPOLICY.md): every k optimizer steps, sample
+N responses per prompt from the *current* policy, score them with a reward function, and turn them
+into the batch the objective needs:
+  sft / ift      best-of-N: the highest-reward sample is the target (no negative gradient)
+  dpo/ipo/orpo/simpo   pairs (best vs worst, or all) whose reward gap >= threshold, higher = chosen
+  rwr            NLL weighted by min(exp(r / T), cap)
+  reinforce      -(r - b) * log pi(y), b = running mean of rewards (a negative gradient)
+Sampling is seeded per (seed, round, prompt), never per rank, so a DDP run draws exactly the
+samples a single process with the same global batch draws.
+"""
+import hashlib
+import importlib
+import math
+import random
+import time
+
+import torch
+import torch.distributed as dist
+
+import data
+import ift
+
+
+# ---------------------------------------------------------------------------- rewards
+def demo_reward(prompt: str, response: str) -> float:
+    """The synthetic task's checker with partial credit (data.check_answer)."""
+    return data.check_answer(prompt, response, partial=True)
+
+
+def length_reward(prompt: str, response: str) -> float:
+    """Shorter is better (the on-policy paper's min-length-style problem); 0 for an empty answer."""
+    return -len(response) / 100.0
+
+
+def load_reward(spec: str):
+    """'demo', 'length', or 'module:function' (a callable (prompt_text, response_text) -> float)."""
+    if spec == "demo":
+        return demo_reward
+    if spec == "length":
+        return length_reward
+    if ":" not in spec:
+        raise ValueError(f"--reward={spec!r}: expected 'demo', 'length' or 'module:function'")
+    mod, fn = spec.split(":", 1)
+    try:
+        f = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--reward={spec!r}: cannot load it ({e})") from None
+    if not callable(f):
+        raise ValueError(f"--reward={spec!r} is not callable")
+    return f
+
+
+def stable_seed(*xs) -> int:
+    """A seed from values, identical in every process (Python's hash() of str is randomised)."""
+    return int.from_bytes(hashlib.sha256(repr(xs).encode()).digest()[:7], "little")
+
+
+def score(fn, prompt: str, response: str) -> float:
+    name = getattr(fn, "__qualname__", repr(fn))
+    try:
+        r = float(fn(prompt, response))
+    except Exception as e:
+        raise RuntimeError(f"reward function {name} raised {type(e).__name__}: {e} "
+                           f"(prompt {prompt[-60:]!r}, response {response[:60]!r})") from e
+    if not math.isfinite(r):
+        raise RuntimeError(f"reward function {name} returned a non-finite value {r} for response {response[:60]!r}")
+    return r
+
+
+# ---------------------------------------------------------------------------- batch building
+def make_pairs(samples, rewards, mode="best_worst", threshold=0.2):
+    """[(chosen, rejected)] from one prompt's samples; pairs closer than `threshold` are skipped."""
+    order = sorted(range(len(samples)), key=lambda i: -rewards[i])
+    cand = [(order[0], order[-1])] if mode == "best_worst" else \
+        [(i, j) for a, i in enumerate(order) for j in order[a + 1:]]
+    return [(samples[i], samples[j]) for i, j in cand if rewards[i] - rewards[j] >= threshold]
+
+
+def row(prompt, answer):
+    return {"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer}
+
+
+def weighted_nll_loss(model, batch):
+    """RWR / REINFORCE: mean_i  w_i * (-sum_t log pi(y_i,t)), w fixed per row."""
+    s, _ = ift.seq_logps(model, batch)
+    w = batch["weights"].to(s.dtype)
+    return (-(w * s)).mean(), {"weight_mean": w.mean().detach()}
+
+
+def prompt_of(ex):
+    """Prompt ids of a dataset example: before the first supervised token (first answer turn)."""
+    if "prompt_ids" in ex:
+        return ex["prompt_ids"]
+    first = next(i for i, l in enumerate(ex["labels"]) if l != -100)
+    return ex["input_ids"][:first]
+
+
+class Sampler:
+    def __init__(self, cfg, tok, examples, rank, world):
+        if cfg.loss == "kto":
+            raise ValueError("on-policy KTO is not supported (use --onpolicy_every=0)")
+        self.cfg, self.tok, self.examples = cfg, tok, examples
+        self.reward = load_reward(cfg.reward)
+        self.world = world
+        self.samples = {}          # example index -> (responses, rewards) of the current round
+        self.baseline = None       # REINFORCE running mean
+        self.stats = {}
+
+    @torch.no_grad()
+    def refresh(self, model, step, indices, device):
+        """Sample N responses for every prompt in `indices` from the current weights."""
+        cfg, tok = self.cfg, self.tok
+        was_training = model.training
+        model.eval()
+        t0, ntok, allr = time.time(), 0, []
+        self.samples = {}
+        for i in sorted(set(indices)):
+            p = prompt_of(self.examples[i])
+            outs = model.generate([p] * cfg.n_samples, cfg.max_new_tokens, temperature=cfg.temperature,
+                                  top_p=cfg.top_p, seed=stable_seed(cfg.seed, step, i),
+                                  stop_ids=[tok.eos_id], until_all_stop=self.world == 1 or cfg.parallel != "fsdp")
+            text = tok.decode(p)
+            rs = [score(self.reward, text, tok.decode(o)) for o in outs]
+            self.samples[i] = (outs, rs)
+            ntok += sum(map(len, outs))
+            allr += rs
+        model.train(was_training)
+        r = torch.tensor(allr)
+        mean = r.mean()
+        if self.world > 1:      # one baseline for all ranks, so DDP == single process
+            dist.all_reduce(mean)
+            mean /= self.world
+        self.baseline = float(mean) if self.baseline is None else 0.9 * self.baseline + 0.1 * float(mean)
+        self.stats = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(allr) > 1 else 0.0,
+                      "sample_tok_s": ntok / max(time.time() - t0, 1e-9)}
+
+    def batch(self, idx, micro, model, ref_model, device):
+        """The micro-batch for the objective from this round's samples (+ dataset rows by replay)."""
+        cfg, pad = self.cfg, self.tok.pad_id
+        rng = random.Random(stable_seed(cfg.seed, "replay", idx))
+        if cfg.loss in ("sft", "ift"):
+            rows = []
+            for i in idx:
+                outs, rs = self.samples[i]
+                ex = self.examples[i]
+                use_data = rng.random() < cfg.replay_ratio and "input_ids" in ex
+                rows.append(ex if use_data else row(prompt_of(ex), outs[max(range(len(rs)), key=rs.__getitem__)]))
+            return to_device(data.collate(rows, pad), device), None
+        if cfg.loss in ("rwr", "reinforce"):
+            rows, w = [], []
+            for i in idx:
+                outs, rs = self.samples[i]
+                for o, r in zip(outs, rs):
+                    rows.append(row(prompt_of(self.examples[i]), o))
+                    w.append(min(math.exp(r / cfg.rwr_temperature), cfg.rwr_cap) if cfg.loss == "rwr"
+                             else r - self.baseline)
+            b = data.collate(rows, pad)
+            b["weights"] = torch.tensor(w)
+            return to_device(b, device), None
+        pairs = []
+        for i in idx:
+            outs, rs = self.samples[i]
+            p = prompt_of(self.examples[i])
+            pairs += [{"prompt_ids": p, "chosen_ids": c, "rejected_ids": r}
+                      for c, r in make_pairs(outs, rs, cfg.pairs, cfg.pair_threshold)]
+        self.stats["pairs"] = len(pairs)
+        empty = not pairs
+        if empty:   # no usable pair: a zero-weighted dummy pair keeps every rank's backward in step
+            p = prompt_of(self.examples[idx[0]])
+            pairs = [{"prompt_ids": p, "chosen_ids": [self.tok.eos_id], "rejected_ids": [self.tok.eos_id]}]
+        b = to_device(data.collate_pairs(pairs, pad), device)
+        b["loss_scale"] = torch.tensor(0.0 if empty else 1.0, device=device)
+        ref = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref = ift.seq_logps(ref_model, b)[0]
+        return b, ref
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
