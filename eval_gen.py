@@ -1,0 +1,488 @@
+"""
+Evaluate a checkpoint on ARC-Challenge (generation, log-likelihood) and GSM8K the way
+lm-evaluation-harness does, on one device or under torchrun (strided slices, rank 0 merges).
+
+  python eval_gen.py --model DIR --task arc_gen --data ARC-Challenge-Test.jsonl
+  python eval_gen.py --model DIR --task arc_ll --data test.jsonl --fewshot_data train.jsonl   # 25-shot
+  python eval_gen.py --model DIR --task gsm8k  --data test.jsonl --fewshot_data train.jsonl   # 5-shot
+
+DIR: HF-layout checkpoint + tokenizer.model. Data: AI2's ARC jsonl, HF allenai/ai2_arc rows, GSM8K
+{"question", "answer"}; .jsonl, .json or .parquet. Writes OUT/<task>.jsonl and OUT/<task>_summary.json.
+
+arc_gen = the harness's arc_challenge_chat (lm_eval/tasks/arc/arc_challenge_chat.yaml, filters in
+lm_eval/filters/extraction.py, exact_match_hf_evaluate in lm_eval/api/metrics.py, gen_prefix in
+lm_eval/api/task.py, decoding in lm_eval/models/huggingface.py generate_until):
+  1. user: "Given the following question and four candidate answers (A, B, C and D), choose the best
+     answer.\\nQuestion: {stem.strip()}\\nA. ..\\nB. ..\\nC. ..\\nD. ..\\nYour response should end with \\"The
+     best answer is [the_answer_letter]\\" where the [the_answer_letter] is one of A, B, C or D."
+     Target: answerKey, "1".."4" -> "A".."D".
+  2. gen_prefix "The best answer is" becomes an assistant message rendered with
+     continue_final_message=True: the prompt ends "<|assistant|>\\nThe best answer is" (no EOS).
+  3. Greedy, <= 100 new tokens, decoded ON THEIR OWN (special tokens skipped), then cut at the first
+     "\\n\\n" or "." (s = s.split(term)[0] per term).
+  4. remove_whitespace: drop ONE leading space; take_first.
+  5. exact_match(ignore_case, ignore_punctuation): lower-case, delete string.punctuation, compare.
+  " C." -> "C" right; " C because" -> wrong; " (c)" -> right; "\\nC" -> wrong. A sentencepiece decode
+  of the new tokens alone also drops their first piece's leading space (we decode the same way).
+  Ours on top: lenient = first `answer is:?\\s*\\(?([A-E])\\b` in "The best answer is" + generation,
+  else the first standalone capital letter, counted only if the question has that choice;
+  invalid = no such letter.
+  Deviations: (a) 3 choices: the harness still says "four ... (A, B, C and D)"; 5 choices: it hides
+  E (an E answer can never score). We show every choice and adapt the count and both letter lists
+  ("five candidate answers (A, B, C, D and E)", "one of A, B, C, D or E"); 4 choices: identical text.
+  (b) BOS first (SPEC §5; how the model was trained); harness 0.4's HFLM encodes without special
+  tokens by default and Zephyr's template has none: --no_bos reproduces that.
+  Pre-fill tokens: after the last EOS the text "\\n<|assistant|>\\nThe best answer is" is ONE piece,
+  one sentencepiece call (SPEC §5; what HF's legacy tokenizer does with the harness's string), so
+  "The" follows "\\n" with no "▁" (Mistral: 1014 "The", not 415 "▁The").
+arc_ll = the harness's arc_challenge (Open LLM Leaderboard, 25-shot): context "Question: {stem}\\nAnswer:",
+  continuation " {choice}"; shots "Question: ..\\nAnswer: {gold text}" joined by "\\n\\n". Tokens as
+  HFLM._encode_pair: trailing context spaces move to the continuation, the whole string is encoded
+  once and the continuation is what lies past len(encode(context)). Score = sum of its log-probs;
+  acc = argmax score, acc_norm = argmax score / len(choice) (characters, the harness's completion_len;
+  bytes for ASCII). Plain text, BOS first.
+gsm8k = the harness's gsm8k v3, plain text (BOS first, no chat template): shots "Question: {q}\\nAnswer:
+  {answer}" joined by "\\n\\n"; greedy, 256 tokens, stop at "Question:", "</s>", "<|im_end|>". strict =
+  first "#### (-?[0-9.,]+)", flexible = last "(-?[$0-9.,]{2,})|(-?[0-9]+)"; both sides lose ",", "$",
+  "...#### " and a final "." before comparing. accuracy: strict if the output has "####", else flexible.
+Shots: random.Random(seed * 1_000_003 + question index).sample(pool minus the same question), so any
+  number of ranks draws the same ones. stderr = sqrt(p(1-p)/(n-1)), the harness's sample stderr.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import re
+import string
+import sys
+import tempfile
+import time
+
+import torch
+
+import data
+from model import Transformer
+
+LETTERS = "ABCDE"
+NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
+ARC_PREFILL = "The best answer is"
+ARC_STOPS = ("\n\n", ".")
+GSM8K_STOPS = ("Question:", "</s>", "<|im_end|>")
+DEFAULTS = {"arc_gen": dict(num_fewshot=0, max_new_tokens=100), "arc_ll": dict(num_fewshot=25, max_new_tokens=0),
+            "gsm8k": dict(num_fewshot=5, max_new_tokens=256)}
+
+
+class TaskDataError(ValueError):
+    """A malformed task file; the message starts with "file:line" (or "file row N")."""
+
+
+# ------------------------------------------------------------------------------------------ data
+def parse_arc(row, where):
+    """AI2 {"question": {"stem", "choices": [{"text", "label"}]}} or HF {"question": str, "choices":
+    {"text": [...], "label": [...]}} -> {"id", "stem", "choices": [text], "gold": index}."""
+    if not isinstance(row, dict):
+        raise TaskDataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    q = row.get("question")
+    if isinstance(q, dict):                                                # AI2
+        stem, ch = q.get("stem"), q.get("choices")
+        if not isinstance(ch, list) or not all(isinstance(c, dict) for c in ch):
+            raise TaskDataError(f"{where}: question.choices must be a list of {{text, label}}")
+        texts, labels = [c.get("text") for c in ch], [c.get("label") for c in ch]
+    else:                                                                  # HF
+        stem, ch = q, row.get("choices")
+        if not (isinstance(ch, dict) and isinstance(ch.get("text"), list) and isinstance(ch.get("label"), list)):
+            raise TaskDataError(f"{where}: choices must be {{\"text\": [..], \"label\": [..]}} (HF) or "
+                                "question must be {stem, choices} (AI2)")
+        texts, labels = ch["text"], ch["label"]
+    if not isinstance(stem, str) or not stem.strip():
+        raise TaskDataError(f"{where}: missing question text")
+    if not 2 <= len(texts) <= 5 or len(labels) != len(texts):
+        raise TaskDataError(f"{where}: needs 2-5 choices with a label each, got {len(texts)} and {len(labels)}")
+    if not all(isinstance(t, str) and t.strip() for t in texts):
+        raise TaskDataError(f"{where}: every choice needs a non-empty text")
+    labels, key = [str(x).strip() for x in labels], str(row.get("answerKey", "")).strip()
+    if key not in labels:
+        raise TaskDataError(f"{where}: answerKey {row.get('answerKey')!r} is not one of the labels {labels}")
+    # A-E or "1"-"5": the gold is a position, lettered A.. like the prompt (numeric labels -> letters)
+    return {"id": str(row.get("id", where)), "stem": stem, "choices": texts, "gold": labels.index(key)}
+
+
+def parse_gsm8k(row, where):
+    if not (isinstance(row, dict) and isinstance(row.get("question"), str) and isinstance(row.get("answer"), str)):
+        raise TaskDataError(f"{where}: expected {{\"question\": str, \"answer\": str}}")
+    if "####" not in row["answer"]:
+        raise TaskDataError(f"{where}: the answer has no '#### <number>' line")
+    return {"id": str(row.get("id", where)), "question": row["question"], "answer": row["answer"],
+            "gold": normalize_number(row["answer"])}
+
+
+def load_task(task, path, limit=None):
+    """Parsed questions; idx = position, which fixes few-shot draws and the merge order."""
+    if not os.path.isfile(path):
+        raise TaskDataError(f"{path}: no such file")
+    try:
+        rows = data._load_file(path)         # jsonl/json/parquet with file:line errors (data.py)
+    except (ValueError, ImportError) as e:   # bad JSON, unknown suffix, parquet without pyarrow
+        raise TaskDataError(str(e)) from None
+    parse = parse_gsm8k if task == "gsm8k" else parse_arc
+    qs = [parse(r, where) for where, r in rows][:limit or None]
+    if not qs:
+        raise TaskDataError(f"{path}: no rows")
+    for i, q in enumerate(qs):
+        q["idx"] = i
+    return qs
+
+
+# --------------------------------------------------------------------------------------- prompts
+def letter_list(n, last):
+    return ", ".join(LETTERS[:n - 1]) + f" {last} " + LETTERS[n - 1]
+
+
+def arc_user_message(q):
+    n = len(q["choices"])
+    lines = "".join(f"{LETTERS[i]}. {t}\n" for i, t in enumerate(q["choices"]))
+    return (f"Given the following question and {NUMBER_WORDS[n]} candidate answers ({letter_list(n, 'and')}), "
+            f"choose the best answer.\nQuestion: {q['stem'].strip()}\n{lines}Your response should end with "
+            f"\"The best answer is [the_answer_letter]\" where the [the_answer_letter] is one of {letter_list(n, 'or')}.")
+
+
+def arc_gen_prompt(tok, q, legacy=True, bos=True):
+    """[user message] through the Zephyr template, assistant turn pre-filled. render_chat ends with
+    the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill."""
+    ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q)}],
+                              add_generation_prompt=True, legacy=legacy)
+    head = tok.encode("\n<|assistant|>\n", dummy_prefix=legacy)
+    tail = tok.encode("\n<|assistant|>\n" + ARC_PREFILL, dummy_prefix=legacy)
+    if ids[-len(head):] != head or tail[:len(head)] != head:      # never guess a token boundary
+        raise RuntimeError(f"{tok.path}: cannot append the pre-fill to the generation prompt")
+    ids = ids[:-len(head)] + tail
+    return ids if bos else ids[1:]
+
+
+def arc_prompt_text(q):
+    return data.chat_text([{"role": "user", "content": arc_user_message(q)}], add_generation_prompt=True) + ARC_PREFILL
+
+
+def fewshot(pool, k, seed, q, key):
+    """k shots for question q from a per-question RNG: the same draw on any number of ranks."""
+    cands = [p for p in pool or [] if p[key] != q[key]]
+    if len(cands) < k:
+        raise TaskDataError(f"{k}-shot needs {k} examples, the few-shot file has {len(cands)} usable")
+    return random.Random(seed * 1_000_003 + q["idx"]).sample(cands, k) if k else []
+
+
+def arc_ll_context(q, shots):
+    return "\n\n".join([f"Question: {s['stem']}\nAnswer: {s['choices'][s['gold']]}" for s in shots]
+                       + [f"Question: {q['stem']}\nAnswer:"])
+
+
+def gsm8k_context(q, shots):
+    return "\n\n".join([f"Question: {s['question']}\nAnswer: {s['answer']}" for s in shots]
+                       + [f"Question: {q['question']}\nAnswer:"])
+
+
+def encode_pair(tok, context, continuation, bos=True):
+    """(context ids, continuation ids) the harness's way: the whole string encoded once, split at
+    len(encode(context)), so the scored tokens are exactly the ones the model sees."""
+    n = len(context) - len(context.rstrip())
+    if n:
+        context, continuation = context[:-n], context[-n:] + continuation
+    whole = [tok.bos_id] * bos + tok.encode(context + continuation)
+    n_ctx = bos + len(tok.encode(context))
+    return whole[:n_ctx], whole[n_ctx:]
+
+
+# --------------------------------------------------------------------------------------- scoring
+def truncate_at_stops(text, stops):
+    for s in stops:
+        text = text.split(s)[0]
+    return text
+
+
+def arc_strict(alone, gold):
+    """The harness's filter + metric on the new tokens decoded alone (stops applied)."""
+    s = alone[1:] if alone.startswith(" ") else alone
+    drop = str.maketrans("", "", string.punctuation)
+    return s, s.lower().translate(drop) == gold.lower().translate(drop)
+
+
+def arc_lenient(generation, n_choices):
+    valid = LETTERS[:n_choices]
+    m = re.search(r"answer is:?\s*\(?([A-E])\b", ARC_PREFILL + generation)
+    if m and m.group(1) in valid:
+        return m.group(1)
+    m = re.search(rf"\b([{valid}])\b", generation)
+    return m.group(1) if m else None
+
+
+def normalize_number(s):
+    """The harness's gsm8k regexes_to_ignore + ignore_case."""
+    if s is None:
+        return None
+    for pat in (",", r"\$", r"(?s).*#### ", r"\.$"):
+        s = re.sub(pat, "", s)
+    return s.strip().lower()
+
+
+def gsm8k_extract(text):
+    """(strict, flexible): the first "#### N", the last number-like string; None when absent."""
+    m = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+    return (m.group(1).strip() if m else None), (next(g for g in found[-1] if g).strip() if found else None)
+
+
+def stderr(xs):
+    if len(xs) < 2:
+        return None
+    p = sum(xs) / len(xs)
+    return math.sqrt(p * (1 - p) / (len(xs) - 1))
+
+
+# ---------------------------------------------------------------------------------- model calls
+def stop_token_ids(tok, stops):
+    """EOS + every token whose own text holds a stop string: what follows it is cut anyway, so
+    stopping there changes no result and saves the remaining decode steps."""
+    return [tok.eos_id] + [i for i in range(tok.vocab_size)
+                           if i != tok.eos_id and any(s in tok.decode([i]) for s in stops)]
+
+
+def batches(lengths, batch_size):
+    """Index batches, longest first: similar lengths share a batch (little padding)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress=None):
+    out = [None] * len(prompts)
+    for idx in batches([len(p) for p in prompts], batch_size):
+        for i, g in zip(idx, model.generate([prompts[i] for i in idx], max_new_tokens, stop_ids=stop_ids)):
+            out[i] = list(g)
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests, batch_size, pad_id, device="cpu", progress=None):
+    """[(ids, n)] -> sum of log p(last n tokens | the rest). Right-padded; `select` asks for logits
+    only where a continuation token is predicted, never for the (25-shot) context."""
+    out = [0.0] * len(requests)
+    for idx in batches([len(r[0]) for r in requests], batch_size):
+        T = max(len(requests[i][0]) for i in idx)
+        ids = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        mask, sel, targets = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool), []
+        for b, i in enumerate(idx):
+            seq, n = requests[i]
+            ids[b, :len(seq)], mask[b, :len(seq)] = torch.tensor(seq), 1
+            sel[b, len(seq) - n - 1:len(seq) - 1] = True            # position t predicts token t + 1
+            targets += seq[-n:]
+        logits = model(ids.to(device), attention_mask=mask.to(device), select=sel.to(device))
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(targets, device=logits.device)[:, None])
+        for i, part in zip(idx, lp.squeeze(-1).split([requests[i][1] for i in idx])):
+            out[i] = part.sum().item()
+        if progress is not None:
+            progress.update(len(idx))
+    return out
+
+
+def max_context(model, reserve):
+    return getattr(getattr(model, "args", None), "max_position_embeddings", 1 << 30) - reserve
+
+
+def decode_gen(tok, gen):
+    """(text as it reads after the prompt, leading space kept; the tokens decoded alone, which drops
+    the first piece's leading space: what the harness scores). EOS skipped."""
+    gen = [t for t in gen if t != tok.eos_id]
+    return tok.text_of(gen), tok.decode(gen)
+
+
+# ------------------------------------------------------------------------------------------ tasks
+def run_arc_gen(model, tok, questions, *, batch_size=1, max_new_tokens=100, legacy=True, bos=True,
+                early_stop=True, progress=None, **_):
+    prompts = [arc_gen_prompt(tok, q, legacy, bos)[-max_context(model, max_new_tokens):] for q in questions]
+    stop_ids = stop_token_ids(tok, ARC_STOPS) if early_stop else [tok.eos_id]
+    records = []
+    for q, g in zip(questions, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
+        text, alone = (truncate_at_stops(t, ARC_STOPS) for t in decode_gen(tok, g))
+        gold, letter = LETTERS[q["gold"]], arc_lenient(text, len(q["choices"]))
+        response, correct = arc_strict(alone, gold)
+        records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]), "prompt": arc_prompt_text(q),
+                        "generation": text, "response": response, "extracted": letter, "gold": gold,
+                        "correct": correct, "lenient_correct": letter == gold, "invalid": letter is None,
+                        "new_tokens": len(g)})
+    return records
+
+
+def run_arc_ll(model, tok, questions, *, pool=None, num_fewshot=25, seed=1234, batch_size=1, bos=True,
+               device="cpu", progress=None, **_):
+    contexts = [arc_ll_context(q, fewshot(pool, num_fewshot, seed, q, "stem")) for q in questions]
+    requests = []
+    for q, ctx in zip(questions, contexts):
+        for c in q["choices"]:
+            a, b = encode_pair(tok, ctx, " " + c, bos)
+            requests.append(((a + b)[-max_context(model, 0):], len(b)))   # harness: cut the context's left
+    lls, records = loglikelihoods(model, requests, batch_size, tok.pad_id, device, progress), []
+    for q, ctx in zip(questions, contexts):
+        n, ll, lls = len(q["choices"]), lls[:len(q["choices"])], lls[len(q["choices"]):]
+        pred = max(range(n), key=lambda i: ll[i])
+        norm = max(range(n), key=lambda i: ll[i] / len(q["choices"][i]))
+        records.append({"idx": q["idx"], "id": q["id"], "n_choices": n, "prompt": ctx, "choices": q["choices"],
+                        "loglik": ll, "extracted": LETTERS[pred], "extracted_norm": LETTERS[norm],
+                        "gold": LETTERS[q["gold"]], "correct": pred == q["gold"], "correct_norm": norm == q["gold"]})
+    return records
+
+
+def run_gsm8k(model, tok, questions, *, pool=None, num_fewshot=5, seed=1234, batch_size=1, max_new_tokens=256,
+              bos=True, early_stop=True, progress=None, **_):
+    contexts = [gsm8k_context(q, fewshot(pool, num_fewshot, seed, q, "question")) for q in questions]
+    prompts = [([tok.bos_id] * bos + tok.encode(c))[-max_context(model, max_new_tokens):] for c in contexts]
+    stop_ids = stop_token_ids(tok, GSM8K_STOPS) if early_stop else [tok.eos_id]
+    records = []
+    for q, ctx, g in zip(questions, contexts, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
+        text = truncate_at_stops(decode_gen(tok, g)[0], GSM8K_STOPS)
+        strict, flexible = gsm8k_extract(text)
+        pred = normalize_number(strict if strict is not None else flexible)
+        records.append({"idx": q["idx"], "id": q["id"], "prompt": ctx, "generation": text, "extracted": pred,
+                        "gold": q["gold"], "correct": pred == q["gold"],
+                        "strict_correct": normalize_number(strict) == q["gold"],
+                        "flexible_correct": normalize_number(flexible) == q["gold"], "new_tokens": len(g)})
+    return records
+
+
+TASKS = {"arc_gen": run_arc_gen, "arc_ll": run_arc_ll, "gsm8k": run_gsm8k}
+SIDE_METRICS = {"arc_gen": {"lenient": "lenient_correct", "invalid_rate": "invalid"},
+                "arc_ll": {"acc_norm": "correct_norm"},
+                "gsm8k": {"strict_match": "strict_correct", "flexible_match": "flexible_correct"}}
+
+
+def summarize(task, records, elapsed):
+    def mean(key, rs=records):
+        return sum(float(r[key]) for r in rs) / len(rs) if rs else None
+    s = {"task": task, "n": len(records), "accuracy": mean("correct"),
+         "stderr": stderr([float(r["correct"]) for r in records])}
+    for name, key in SIDE_METRICS[task].items():
+        s[name], s[name + "_stderr"] = mean(key), stderr([float(r[key]) for r in records])
+    if task != "gsm8k":                      # 3-, 4- and 5-choice questions, counted and scored apart
+        groups = {n: [r for r in records if r["n_choices"] == n] for n in sorted({r["n_choices"] for r in records})}
+        s["by_n_choices"] = {str(n): {"n": len(rs), "accuracy": mean("correct", rs)} for n, rs in groups.items()}
+    if task != "arc_ll":
+        s["new_tokens"] = sum(r["new_tokens"] for r in records)
+    s["elapsed_s"], s["questions_per_second"] = elapsed, (len(records) / elapsed if elapsed > 0 else None)
+    return s
+
+
+def one_line(s):
+    def f(x):
+        return "n/a" if x is None else f"{x:.4f}"
+    side = " ".join(f"{k}={f(s[k])}" for k in SIDE_METRICS[s["task"]])
+    return (f"{s['task']}: accuracy={f(s['accuracy'])} ± {f(s['stderr'])} {side} n={s['n']} "
+            f"({s['questions_per_second'] or 0:.2f} questions/s)")
+
+
+# ------------------------------------------------------------------------------- ranks and files
+def shard(items, rank, world):
+    return items[rank::world]
+
+
+def merge(parts):
+    """Per-rank records -> one list in question order: what a single process writes."""
+    return sorted((r for part in parts for r in part), key=lambda r: r["idx"])
+
+
+def write_atomic(path, text):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_model(path, dtype, device, tokenizer=None):
+    tok_path = tokenizer or os.path.join(path, "tokenizer.model")
+    if not os.path.isfile(tok_path):
+        raise SystemExit(f"{path}: no tokenizer.model (save it with the checkpoint, or pass --tokenizer)")
+    tok, model = data.Tokenizer(tok_path), Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    if tok.vocab_size > model.args.vocab_size:
+        raise SystemExit(f"{tok_path}: {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+    return tok, model
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint dir (HF layout + tokenizer.model)")
+    ap.add_argument("--task", required=True, choices=sorted(TASKS))
+    ap.add_argument("--data", required=True, help="questions: .jsonl, .json or .parquet")
+    ap.add_argument("--fewshot_data", help="few-shot pool (a train split) for arc_ll and gsm8k")
+    ap.add_argument("--num_fewshot", type=int, help="default: arc_gen 0, arc_ll 25, gsm8k 5")
+    ap.add_argument("--limit", type=int, help="the first N questions only")
+    ap.add_argument("--batch_size", type=int, default=16)
+    ap.add_argument("--max_new_tokens", type=int, help="default: arc_gen 100, gsm8k 256")
+    ap.add_argument("--seed", type=int, default=1234, help="few-shot draws")
+    ap.add_argument("--out", default="out/eval")
+    ap.add_argument("--tokenizer", help="default: DIR/tokenizer.model")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no_bos", action="store_true", help="no BOS (harness 0.4's default for HF models)")
+    ap.add_argument("--non_legacy", action="store_true", help="template without the '▁' after each EOS")
+    args = ap.parse_args(argv)
+    for key, value in DEFAULTS[args.task].items():
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
+    if args.task == "arc_gen" and args.num_fewshot:
+        ap.error("arc_gen is 0-shot (arc_challenge_chat)")
+    if args.num_fewshot and not args.fewshot_data:
+        ap.error(f"{args.num_fewshot}-shot {args.task} needs --fewshot_data (or --num_fewshot 0)")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    world, rank, device = int(os.environ.get("WORLD_SIZE", 1)), 0, args.device
+    if world > 1:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        rank = dist.get_rank()
+    try:
+        questions = load_task(args.task, args.data, args.limit)
+        pool = load_task(args.task, args.fewshot_data) if args.num_fewshot else None
+        tok, model = load_model(args.model, getattr(torch, args.dtype), device, args.tokenizer)
+        mine = shard(questions, rank, world)
+        from tqdm import tqdm
+        ll = args.task == "arc_ll"           # arc_ll counts scored choices, the others questions
+        bar = tqdm(total=sum(len(q["choices"]) for q in mine) if ll else len(mine), desc=args.task,
+                   unit="choice" if ll else "q", disable=rank != 0, file=sys.stderr)
+        t0 = time.perf_counter()
+        records = TASKS[args.task](model, tok, mine, pool=pool, num_fewshot=args.num_fewshot, seed=args.seed,
+                                   batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                   bos=not args.no_bos, legacy=not args.non_legacy, device=device, progress=bar)
+        bar.close()
+    except TaskDataError as e:
+        raise SystemExit(f"error: {e}")
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, records)
+        records = merge(parts)
+    elapsed = time.perf_counter() - t0       # rank 0's wall time: it waits for the slowest rank
+    if rank == 0:
+        s = summarize(args.task, records, elapsed)
+        s.update({k: getattr(args, k) for k in ("model", "data", "fewshot_data", "num_fewshot", "seed", "limit",
+                                                "batch_size", "max_new_tokens", "dtype")},
+                 world_size=world, device=str(device), bos=not args.no_bos, legacy=not args.non_legacy)
+        write_atomic(os.path.join(args.out, f"{args.task}.jsonl"),
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
+        print(one_line(s) + f" -> {os.path.join(args.out, args.task)}.jsonl")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
