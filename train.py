@@ -77,7 +77,8 @@ class Config:
     simpo_gamma_ratio: float = 0.8
     ref: str = "precompute"         # precompute (cached on disk, one model in memory) | online
     # on-policy sampling (onpolicy.py); offline when onpolicy_every == 0
-    onpolicy_every: int = 0
+    onpolicy_every: int = 0         # k: resample every k optimizer steps (0 = train on the dataset's answers)
+    sampling: str = "onpolicy"      # onpolicy | offline (samples drawn once from the initial policy, reused)
     n_samples: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
@@ -133,7 +134,7 @@ def parse_config(argv) -> Config:
         _set(cfg, k, v, "command line")
     for key, allowed in (("loss", ("sft", "ift") + PAIRWISE + ("rwr", "reinforce")), ("ref", ("precompute", "online")),
                          ("optimizer", ("adamw", "rmsprop")), ("schedule", ("cosine", "linear", "constant")),
-                         ("parallel", ("ddp", "fsdp")), ("precision", ("auto", "bf16", "fp32")),
+                         ("parallel", ("ddp", "fsdp")), ("sampling", ("onpolicy", "offline")), ("precision", ("auto", "bf16", "fp32")),
                          ("prop_side", ("left", "right")), ("prop_kind", ("loss", "logps", "mask")),
                          ("prop_norm", ("L1", "L2", "softmax", "log")), ("pairs", ("best_worst", "all"))):
         if getattr(cfg, key) not in allowed:
@@ -504,8 +505,9 @@ def main(argv=None):
             g["lr"] = lr
         lam = ift.lambda_schedule(step, lam=cfg.lam, warmup_steps=cfg.lam_warmup_steps, min_lambda=cfg.min_lambda,
                                   max_lambda=cfg.lam, noise_std=cfg.lam_noise_std, seed=cfg.seed)
-        if sampler is not None and (step % cfg.onpolicy_every == 0 or not sampler.samples):
-            upcoming = [i for s in range(step, min(step + cfg.onpolicy_every, total))
+        if sampler is not None and (not sampler.samples or cfg.sampling == "onpolicy" and step % cfg.onpolicy_every == 0):
+            horizon = total if cfg.sampling == "offline" else min(step + cfg.onpolicy_every, total)
+            upcoming = [i for s in range(step, horizon)
                         for mb in plan_of(s // steps_per_epoch)[s % steps_per_epoch] for i in mb]
             sampler.refresh(unwrap(model), step, upcoming, device)   # from the *current* weights
         acc = {}
