@@ -7,7 +7,6 @@ timed test.
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -69,11 +68,118 @@ def bench_model():
     return {}
 
 
+def _step_child(kind, threads):
+    """Run in a fresh process: peak RSS growth of one training step (CPU has no max_memory_allocated)."""
+    import data
+    import ift
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(small_args()).init_weights(seed=0)
+    batch = _batch()
+    fn = (lambda: ift.sft_loss(model, batch)[0]) if kind == "sft" else (lambda: ift.ift_loss(model, batch)[0])
+    import ctypes
+    import threading
+    ctypes.CDLL("libc.so.6").malloc_trim(0)        # hand setup's freed memory back, so RSS starts low
+    page = os.sysconf("SC_PAGE_SIZE")
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * page
+    base, peak, done = rss(), [0], threading.Event()
+
+    def watch():   # sample RSS every ms during the step (activations live until backward ends)
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.001)
+    t = threading.Thread(target=watch)
+    t.start()
+    fn().backward()
+    done.set()
+    t.join()
+    print(json.dumps({"peak_kb": (max(peak[0], rss()) - base) // 1024}))
+
+
+def _batch(B=4, T=256, prompt=64):
+    """B rows of T tokens, the first `prompt` of them unsupervised (a chat prompt)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 32000, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return {"input_ids": ids, "labels": labels}
+
+
+def bench_ift(threads=2):
+    """IFT step / SFT step on the same batch: time (interleaved repeats) and peak memory."""
+    import ift
+    torch.manual_seed(0)
+    model = Transformer(small_args()).init_weights(seed=0)
+    batch = _batch()
+    fns = {"sft": lambda: ift.sft_loss(model, batch)[0].backward(),
+           "ift": lambda: ift.ift_loss(model, batch)[0].backward()}
+    for f in fns.values():
+        f()
+    ts = {k: [] for k in fns}
+    for _ in range(5):   # interleaved, so drift in machine load hits both alike
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            ts[k].append(time.perf_counter() - t)
+    t_sft, t_ift = statistics.median(ts["sft"]), statistics.median(ts["ift"])
+    mem = {}
+    for k in fns:
+        out = subprocess.run([sys.executable, __file__, "--step_child", k, "--threads", str(threads)],
+                             capture_output=True, text=True, check=True).stdout
+        mem[k] = json.loads(out.strip().splitlines()[-1])["peak_kb"]
+    print(f"IFT/SFT step B=4 T=256 (192 answer tokens): time {t_ift * 1e3:.0f}/{t_sft * 1e3:.0f} ms = "
+          f"{t_ift / t_sft:.2f}x (goal <= 1.30), peak memory growth {mem['ift'] / 1024:.0f}/{mem['sft'] / 1024:.0f} MiB"
+          f" = {mem['ift'] / mem['sft']:.2f}x (goal <= 1.05)")
+
+
+def bench_train():
+    """Training tokens/s of the demo loop per objective on the same synthetic data."""
+    import train
+    rows = []
+    with tempfile.TemporaryDirectory() as d:
+        for name, extra in (("sft", []), ("ift", []), ("dpo", ["--ref=precompute"]), ("dpo", ["--ref=online"]),
+                            ("orpo", [])):
+            s = train.main([f"--loss={name}", "--max_steps=12", "--n_train=512", "--n_eval=0", "--gen_eval=0",
+                            "--progress=false", "--log_every=12", f"--out_dir={d}/{name}{len(extra) and extra[0][6:]}",
+                            f"--tokenizer={d}/tok.model" if os.path.exists(f"{d}/tok.model") else "--seed=1337"] + extra)
+            if not os.path.exists(f"{d}/tok.model"):
+                import shutil
+                shutil.copy(f"{d}/{name}/tokenizer.model", f"{d}/tok.model")
+            rows.append((name + (f" ({extra[0][6:]} ref)" if extra else ""), s["tok_s"]))
+    base = rows[0][1]
+    for name, tps in rows:
+        print(f"train {name:22s} {tps:8.0f} tok/s  ({tps / base:.2f}x SFT)")
+
+
+def bench_eval():
+    """arc_gen questions/s on a demo-sized model, batch 1 vs batch 16 (ARC-format fixture questions)."""
+    import data
+    import eval_gen
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tokenizer", 512)
+        m = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=688,
+                                  vocab_size=tok.vocab_size, sliding_window=None)).init_weights(seed=0)
+        m.save_pretrained(f"{d}/model", extra_files={"tokenizer.model": tok.path})
+        qs = [l for l in open(os.path.join(os.path.dirname(__file__), "tests/fixtures/arc_ai2.jsonl")) if l.strip()]
+        with open(f"{d}/arc.jsonl", "w") as f:
+            f.writelines((qs * 64)[:64])
+        res = {}
+        for bs in (1, 16):
+            eval_gen.main(["--model", f"{d}/model", "--task", "arc_gen", "--data", f"{d}/arc.jsonl",
+                           "--batch_size", str(bs), "--out", f"{d}/out{bs}"])
+            res[bs] = json.load(open(f"{d}/out{bs}/arc_gen_summary.json"))["questions_per_second"]
+    print(f"arc_gen (random demo-sized model, 64 questions): batch 1 {res[1]:.2f} q/s, batch 16 {res[16]:.2f} q/s "
+          f"= {res[16] / res[1]:.1f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="model,ift,train,eval")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--step_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.step_child:
+        return _step_child(a.step_child, a.threads)
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, device cpu")
     for name in a.only.split(","):

@@ -168,7 +168,7 @@ def ift_loss(model, batch, lam: float = 0.2, gamma: float = 0.95, kind: str = "l
     if lam != 0:
         with torch.no_grad():
             logits0 = model(ids, attention_mask=batch.get("attention_mask"), select=_select(m))
-            guess, tgt = logits0.argmax(-1), labels[:, 1:][m]
+            guess, tgt = logits0.max(-1).indices, labels[:, 1:][m]   # max: faster than argmax on CPU
             metrics["sft_loss"] = _row_mean(-_scatter(label_logps(logits0, tgt, chunk), m), m)
             metrics["guess_mismatch"] = (guess != tgt).float().mean() if tgt.numel() else torch.zeros(())
             del logits0

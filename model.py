@@ -275,11 +275,11 @@ class Transformer(nn.Module):
 
     def embed(self, input_ids, mix_ids=None, mix_lambda=0.0, freeze_embeddings=False):
         W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
-        h = F.embedding(input_ids, W)
-        if mix_ids is not None and mix_lambda != 0.0:
-            mixed = (1.0 - mix_lambda) * h + mix_lambda * F.embedding(mix_ids, W)
-            h = torch.where((mix_ids == input_ids)[..., None], h, mixed)  # exact where guess == truth
-        return h
+        if mix_ids is None or mix_lambda == 0.0:
+            return F.embedding(input_ids, W)
+        e, e_mix = F.embedding(torch.stack([input_ids, mix_ids]), W)   # one lookup: one backward scatter
+        mixed = (1.0 - mix_lambda) * e + mix_lambda * e_mix
+        return torch.where((mix_ids == input_ids)[..., None], e, mixed)  # exact where guess == truth
 
     def trunk(self, h, cos, sin, mask, input_pos=None):
         """The blocks + final norm. input_pos: cache slots of these tokens (generation only)."""

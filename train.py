@@ -572,7 +572,7 @@ def main(argv=None):
             save_checkpoint(cfg, model, opt, state, tok, rank, world)
     bar.close()
     path = save_checkpoint(cfg, model, opt, state, tok, rank, world)
-    summary = {"final_train_loss": last_log.get("loss"), "checkpoint": path}
+    summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
     summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_model))
     if demo_eval_rows is not None and cfg.gen_eval and rank == 0:
         em, example = generation_exact_match(unwrap(model), tok, demo_eval_rows, cfg.gen_eval, device)
