@@ -95,7 +95,7 @@ class Config:
     weight_decay: float = 0.0
     schedule: str = "cosine"        # cosine | linear | constant
     warmup_ratio: float = 0.05
-    epochs: int = 1
+    epochs: int = 4
     max_steps: int = 0              # 0 = epochs * steps per epoch
     micro_batch_size: int = 32
     grad_accum: int = 1
@@ -246,14 +246,10 @@ def unwrap(model):
 
 def no_sync(model, sync: bool):
     """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if sync:
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: a flag, set before every backward
+        model.set_requires_gradient_sync(sync)
         return nullcontext()
-    if hasattr(model, "no_sync"):
-        return model.no_sync()
-    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
-        model.set_requires_gradient_sync(False)
-        return nullcontext()
-    return nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()
 
 
 def lr_at(cfg, step, total):
@@ -532,8 +528,6 @@ def main(argv=None):
             tokens += int(batch["attention_mask"].sum()) * world
             for key, v in {"loss": loss, **m}.items():
                 acc[key] = acc.get(key, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(plan[k])
-        if hasattr(model, "set_requires_gradient_sync"):
-            model.set_requires_gradient_sync(True)
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()

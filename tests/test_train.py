@@ -48,9 +48,10 @@ def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-@pytest.mark.parametrize("parallel,loss", [("ddp", "ift"), ("fsdp", "ift"), ("ddp", "dpo")])
-def test_two_process_run_equals_single_process(tmp_path, tok_path, parallel, loss):
-    common = TINY + [f"--tokenizer={tok_path}", f"--loss={loss}", "--max_steps=3", f"--parallel={parallel}"]
+@pytest.mark.parametrize("parallel,loss,accum", [("ddp", "ift", 2), ("fsdp", "ift", 2), ("ddp", "dpo", 1)])
+def test_two_process_run_equals_single_process(tmp_path, tok_path, parallel, loss, accum):
+    common = TINY + [f"--tokenizer={tok_path}", f"--loss={loss}", "--max_steps=3", f"--parallel={parallel}",
+                     f"--grad_accum={accum}"]   # accumulation: the all-reduce must run on the last micro-step only
     run(common + [f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8"])
     run(common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4"], nproc=2)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
