@@ -2,7 +2,7 @@
 Benchmarks. Every figure is a ratio measured inside one run (same machine, same moment), never a
 timed test.
   python bench.py                       # all CPU sections
-  python bench.py --only=model,ift      # model | ift | train | eval | gpu
+  python bench.py --only=model,ift      # model | ift | train | eval
 """
 import argparse
 import json
@@ -133,22 +133,21 @@ def bench_ift(threads=2):
 
 
 def bench_train():
-    """Training tokens/s of the demo loop per objective on the same synthetic data."""
+    """Training tokens/s of the demo loop per objective on the same synthetic data and model."""
+    import data
     import train
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for name, extra in (("sft", []), ("ift", []), ("dpo", ["--ref=precompute"]), ("dpo", ["--ref=online"]),
-                            ("orpo", [])):
+        rows_txt = data.corpus_text(data.synthetic_pairs(1000, 1337))
+        data.train_tokenizer(rows_txt, f"{d}/tok", 512)
+        arms = [("sft", []), ("ift", []), ("dpo", ["--ref=precompute"]), ("dpo", ["--ref=online"]), ("orpo", [])]
+        for i, (name, extra) in enumerate(arms):
             s = train.main([f"--loss={name}", "--max_steps=12", "--n_train=512", "--n_eval=0", "--gen_eval=0",
-                            "--progress=false", "--log_every=12", f"--out_dir={d}/{name}{len(extra) and extra[0][6:]}",
-                            f"--tokenizer={d}/tok.model" if os.path.exists(f"{d}/tok.model") else "--seed=1337"] + extra)
-            if not os.path.exists(f"{d}/tok.model"):
-                import shutil
-                shutil.copy(f"{d}/{name}/tokenizer.model", f"{d}/tok.model")
-            rows.append((name + (f" ({extra[0][6:]} ref)" if extra else ""), s["tok_s"]))
-    base = rows[0][1]
+                            "--progress=false", "--log_every=12", f"--out_dir={d}/run{i}", f"--tokenizer={d}/tok.model"]
+                           + extra)
+            rows.append((name + (f" ({extra[0][6:]} reference)" if extra else ""), s["tok_s"]))
     for name, tps in rows:
-        print(f"train {name:22s} {tps:8.0f} tok/s  ({tps / base:.2f}x SFT)")
+        print(f"train {name:26s} {tps:7.0f} tok/s  ({tps / rows[0][1]:.2f}x SFT)")
 
 
 def bench_eval():
