@@ -126,14 +126,15 @@ class Sampler:
             ntok += sum(map(len, outs))
             allr += rs
         model.train(was_training)
-        r = torch.tensor(allr)
-        mean = r.mean()
-        if self.world > 1:      # one baseline for all ranks, so DDP == single process
-            dist.all_reduce(mean)
-            mean /= self.world
-        self.baseline = float(mean) if self.baseline is None else 0.9 * self.baseline + 0.1 * float(mean)
-        self.stats = {"reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(allr) > 1 else 0.0,
-                      "sample_tok_s": ntok / max(time.time() - t0, 1e-9)}
+        # Global reward statistics (one baseline and one logged mean for all ranks: DDP == single process).
+        tot = torch.tensor([sum(allr), sum(x * x for x in allr), len(allr)], dtype=torch.float64)
+        if self.world > 1:
+            dist.all_reduce(tot)
+        mean = float(tot[0] / tot[2])
+        var = float(tot[1] / tot[2]) - mean ** 2
+        self.baseline = mean if self.baseline is None else 0.9 * self.baseline + 0.1 * mean
+        self.stats = {"reward_mean": mean, "reward_std": max(var, 0.0) ** 0.5,
+                      "sample_tok_s": ntok * self.world / max(time.time() - t0, 1e-9)}
 
     def batch(self, idx, micro, model, ref_model, device):
         """The micro-batch for the objective from this round's samples (+ dataset rows by replay)."""

@@ -124,7 +124,6 @@ def test_two_process_onpolicy_run_equals_single_process(tmp_path, tok_path):
     run(common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4"], nproc=2)
     recs = [[json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
     assert len(recs[0]) == 3
-    for x, y in zip(*recs):
-        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["reward_mean"] - y["reward_mean"]) < 1e-6 or \
-            abs(x["loss"] - y["loss"]) < 1e-6
+    for x, y in zip(*recs):   # same samples, same rewards, same losses (logged as global means)
+        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["reward_mean"] - y["reward_mean"]) < 1e-9
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
