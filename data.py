@@ -153,7 +153,7 @@ def conversations(row, where="row"):
                      f"'chosen'+'rejected', or 'prompt'+'response'")
 
 
-def _load_file(path):
+def load_records(path):
     """[(where, row)]: .jsonl (and .json holding JSON lines, as HF's to_json writes), .json list, .parquet."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".parquet":
@@ -182,13 +182,13 @@ def _load_file(path):
 
 def _located(src):
     if isinstance(src, (str, os.PathLike)):
-        return _load_file(os.fspath(src))
+        return load_records(os.fspath(src))
     return [(f"row {i}", r) for i, r in enumerate(src)]
 
 
 def read_rows(path):
     """All rows of a file, each checked (an error names file:line or 'file row N', and the field)."""
-    rows = _load_file(os.fspath(path))
+    rows = load_records(os.fspath(path))
     for where, r in rows:
         conversations(r, where)
     return [r for _, r in rows]
@@ -424,7 +424,7 @@ def main(argv=None):
     ap.add_argument("--non_legacy", action="store_true", help="no dummy-prefix space after each EOS")
     a = ap.parse_args(argv)
     try:
-        tok, rows = Tokenizer(a.tokenizer), _load_file(a.data)
+        tok, rows = Tokenizer(a.tokenizer), load_records(a.data)
         if not 0 <= a.index < len(rows):
             raise ValueError(f"--index {a.index} is out of range: {a.data} has {len(rows)} rows")
         where, row = rows[a.index]

@@ -122,7 +122,7 @@ def load_task(task, path, limit=None):
     if not os.path.isfile(path):
         raise TaskDataError(f"{path}: no such file")
     try:
-        rows = data._load_file(path)         # jsonl/json/parquet with file:line errors (data.py)
+        rows = data.load_records(path)         # jsonl/json/parquet with file:line errors (data.py)
     except (ValueError, ImportError) as e:   # bad JSON, unknown suffix, parquet without pyarrow
         raise TaskDataError(str(e)) from None
     parse = parse_gsm8k if task == "gsm8k" else parse_arc
