@@ -340,18 +340,29 @@ def to_device(batch, device):
     return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
 
 
-def fingerprint(cfg, tok, examples, model):
-    """Hash of everything the cached reference log-probs depend on."""
+def data_fingerprint(tok, examples):
+    """sha256 of the tokenizer file and every tokenized example: moves with the data, the template and
+    the truncation lengths. Printed at start and stored with every checkpoint."""
+    import numpy as np
     h = hashlib.sha256()
-    h.update(json.dumps([cfg.loss, cfg.max_length, cfg.max_prompt_length, cfg.micro_batch_size]).encode())
     with open(tok.path, "rb") as f:
         h.update(f.read())
     for e in examples:
-        h.update(json.dumps([e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]]).encode())
-    for name, p in sorted(model.state_dict().items()):  # the reference weights themselves
+        for k in sorted(e):
+            h.update(k.encode())
+            h.update(np.asarray(e[k], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg, data_fp, model):
+    """Key of the cached reference log-probs: the data's fingerprint, the objective (KTO's KL rows depend on
+    the micro-batch) and the reference weights themselves (a slice and the sum of every tensor)."""
+    h = hashlib.sha256(json.dumps([data_fp, cfg.loss, cfg.micro_batch_size]).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1).float()
         h.update(name.encode())
-        h.update(p.detach().float().cpu().numpy().tobytes()[: 1 << 20])
-        h.update(str(float(p.detach().float().sum())).encode())
+        h.update(flat[: 1 << 18].cpu().numpy().tobytes())
+        h.update(repr(float(flat.sum())).encode())
     return h.hexdigest()[:16]
 
 
@@ -449,12 +460,13 @@ def main(argv=None):
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank, world)
     model = build_model(cfg, tok, device)
     pairwise = cfg.loss in PAIRWISE
+    data_fp = data_fingerprint(tok, train_ex)
 
     ref_table, ref_model = None, None
     if cfg.loss in NEEDS_REF and not cfg.reference_free:
         if cfg.ref == "precompute" and not cfg.onpolicy_every:  # fresh samples need a live reference
             ref_table = precompute_reference(cfg, model, train_ex, tok.pad_id, device,
-                                             fingerprint(cfg, tok, train_ex, model), rank)
+                                             fingerprint(cfg, data_fp, model), rank)
         else:
             import copy
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -470,7 +482,9 @@ def main(argv=None):
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RMSprop
-    state = {"step": 0, "epoch": 0}
+    gbs = cfg.micro_batch_size * cfg.grad_accum * world
+    run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs}
+    state = {"step": 0, "epoch": 0, **run_info}
     model = wrap(model, cfg, world, device, bf16)
     opt = opt_cls(model.parameters() if world > 1 and cfg.parallel == "fsdp" else params, lr=cfg.lr,
                   weight_decay=cfg.weight_decay)
@@ -479,10 +493,14 @@ def main(argv=None):
         state = load_checkpoint(ckpts[-1], model, opt)
         if rank == 0:
             print(f"resumed from {ckpts[-1]} at step {state['step']}")
-    gbs = cfg.micro_batch_size * cfg.grad_accum * world
+            if state.get("data_fingerprint") != data_fp:
+                print(f"warning: the data differ from the checkpoint's (fingerprint {data_fp} vs "
+                      f"{state.get('data_fingerprint')}): the resumed run will not replay the same batches")
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
-        print(f"world {world} | global batch {gbs} | {steps_per_epoch} steps/epoch | {total} steps | "
+        tokens_per_step = gbs * sum(lengths) / len(lengths)
+        print(f"world {world} | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
+              f"{steps_per_epoch} steps/epoch | {total} steps | "
               f"{unwrap(model).num_params() / 1e6:.2f}M params | device {device} | bf16 {bf16}")
     sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
 
@@ -537,7 +555,7 @@ def main(argv=None):
                              f"stopping without saving. Last good checkpoint: {last[-1] if last else 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
-        state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch}
+        state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
             if world > 1:   # log the global mean, not rank 0's share (every rank joins the reduce)
@@ -554,7 +572,8 @@ def main(argv=None):
                 rec.update(sampler.stats)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}")
+            bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+                            **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             last_log = rec
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
             ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_model)

@@ -116,12 +116,15 @@ def test_precomputed_reference_equals_online_and_cache_is_keyed(tmp_path, tok_pa
     ex, _ = data.load_pairs(data.synthetic_pairs(8, 0), tok, 1024, 512)
     m = train.Transformer(train.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
                                           vocab_size=320)).init_weights(seed=0)
-    f0 = train.fingerprint(cfg, tok, ex, m)
-    assert train.fingerprint(cfg, tok, ex, m) == f0
-    assert train.fingerprint(cfg, tok, ex[:-1], m) != f0
+    fp = lambda examples: train.fingerprint(cfg, train.data_fingerprint(tok, examples), m)
+    f0 = fp(ex)
+    assert fp(ex) == f0
+    assert fp(ex[:-1]) != f0                                   # a changed dataset
+    longer, _ = data.load_pairs(data.synthetic_pairs(8, 0), tok, 24, 12)
+    assert fp(longer) != f0                                    # changed truncation lengths
     with torch.no_grad():
         m.layers[0].mlp.down_proj.weight[5, 5] += 1e-3
-    assert train.fingerprint(cfg, tok, ex, m) != f0
+    assert fp(ex) != f0                                        # a changed model
 
 
 def test_demo_end_to_end_and_checkpoint_loads_in_transformers(tmp_path):
@@ -140,6 +143,7 @@ def test_demo_end_to_end_and_checkpoint_loads_in_transformers(tmp_path):
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
     state = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)
     assert state["step"] == 6 and state["config"]["loss"] == "ift"
+    assert state["global_batch"] == 16 and state["world_size"] == 1 and len(state["data_fingerprint"]) == 16
 
 
 def test_bad_config_names_the_key(tmp_path):
