@@ -70,7 +70,6 @@ def bench_model():
 
 def _step_child(kind, threads):
     """Run in a fresh process: peak RSS growth of one training step (CPU has no max_memory_allocated)."""
-    import data
     import ift
     torch.set_num_threads(threads)
     torch.manual_seed(0)

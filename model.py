@@ -6,11 +6,10 @@ Module names mirror Hugging Face's, so a checkpoint key is our parameter name wi
 front (except lm_head.weight): no renaming table to get wrong.
 """
 import json
-import math
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Optional
 
 import torch

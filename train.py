@@ -21,7 +21,6 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -264,12 +263,29 @@ def lr_at(cfg, step, total):
 
 # ---------------------------------------------------------------------------- losses
 def pair_batch(examples, idx, pad_id, kto: bool):
-    """Chosen rows, then rejected rows; KTO adds mismatched rows prompt_i + chosen_{i+1} (KL estimate)."""
+    """Chosen rows, then rejected rows. KTO adds mismatched rows for its KL estimate: prompt i with the
+    chosen answer of dataset example i+1 (fixed pairs, so precomputed reference log-probs stay valid)."""
     batch = data.collate_pairs([examples[i] for i in idx], pad_id)
     if kto:
-        ex = [examples[i] for i in idx]
-        batch["kl"] = data.collate(ift.kto_kl_rows([e["prompt_ids"] for e in ex], [e["chosen_ids"] for e in ex]), pad_id)
+        n = len(examples)
+        batch["kl"] = data.collate([{"input_ids": examples[i]["prompt_ids"] + examples[(i + 1) % n]["chosen_ids"],
+                                     "labels": [-100] * len(examples[i]["prompt_ids"]) + examples[(i + 1) % n]["chosen_ids"]}
+                                    for i in idx], pad_id)
     return batch
+
+
+def make_batch(cfg, examples, idx, pad_id, device, ref_table=None, ref_model=None):
+    """A collated micro-batch and, for DPO/IPO/KTO, its reference log-probs (cached table or live model)."""
+    if cfg.loss not in PAIRWISE:
+        return to_device(data.collate([examples[i] for i in idx], pad_id), device), None
+    batch = to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
+    ref = None
+    if ref_table is not None:
+        ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]] + ([ref_table[idx, 2]] if "kl" in batch else []))
+        ref = ref.to(device)
+    elif ref_model is not None:
+        ref = reference_logps(ref_model, batch)
+    return batch, ref
 
 
 def compute_loss(cfg, model, batch, ref_logps, lam):
@@ -288,6 +304,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
         return ift.orpo_loss(mean[:B], mean[B:], beta=cfg.orpo_beta)
     if cfg.loss == "simpo":
         return ift.simpo_loss(mean[:B], mean[B:], beta=cfg.simpo_beta, gamma_ratio=cfg.simpo_gamma_ratio)
+    if ref_logps is None:   # --reference_free: a reference that assigns every answer log-prob 0
+        ref_logps = torch.zeros(3 * B if "kl" in batch else 2 * B, device=s.device)
     rc, rr = ref_logps[:B], ref_logps[B:2 * B]
     if cfg.loss == "dpo":
         return ift.dpo_loss(s[:B], s[B:], rc, rr, beta=cfg.beta, label_smoothing=cfg.label_smoothing,
@@ -302,12 +320,10 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
 
 
 @torch.no_grad()
-def reference_logps(cfg, model, examples, idx, pad_id, device, ref_model=None):
+def reference_logps(ref_model, batch):
     """Summed log-probs of chosen, rejected (and KTO's KL rows) under the reference model."""
-    b = to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
-    m = ref_model if ref_model is not None else model
-    s, _ = ift.seq_logps(m, b)
-    return torch.cat([s, ift.seq_logps(m, b["kl"])[0]]) if "kl" in b else s
+    s, _ = ift.seq_logps(ref_model, batch)
+    return torch.cat([s, ift.seq_logps(ref_model, batch["kl"])[0]]) if "kl" in batch else s
 
 
 def precompute_reference(cfg, model, examples, pad_id, device, fingerprint, rank):
@@ -317,17 +333,13 @@ def precompute_reference(cfg, model, examples, pad_id, device, fingerprint, rank
     if os.path.isfile(path):
         return torch.load(path, weights_only=True)
     out = torch.zeros(len(examples), 3)
-    mbs = max(2, cfg.micro_batch_size)  # KTO's KL rows pair each example with its batch neighbour
-    chunks = [list(range(i, min(i + mbs, len(examples)))) for i in range(0, len(examples), mbs)]
-    if len(chunks) > 1 and len(chunks[-1]) == 1:
-        chunks[-2] += chunks.pop()
     model.eval()
-    for c in chunks:
-        r = reference_logps(cfg, model, examples, c, pad_id, device).float().cpu()
-        B = len(c)
-        out[c, 0], out[c, 1] = r[:B], r[B:2 * B]
-        if r.numel() > 2 * B:
-            out[c, 2] = r[2 * B:]
+    for i in range(0, len(examples), 32):
+        c = list(range(i, min(i + 32, len(examples))))
+        r = reference_logps(model, to_device(pair_batch(examples, c, pad_id, cfg.loss == "kto"), device)).float().cpu()
+        out[c, 0], out[c, 1] = r[:len(c)], r[len(c):2 * len(c)]
+        if r.numel() > 2 * len(c):
+            out[c, 2] = r[2 * len(c):]
     model.train()
     if rank == 0:
         tmp = path + ".tmp"
@@ -355,9 +367,9 @@ def data_fingerprint(tok, examples):
 
 
 def fingerprint(cfg, data_fp, model):
-    """Key of the cached reference log-probs: the data's fingerprint, the objective (KTO's KL rows depend on
-    the micro-batch) and the reference weights themselves (a slice and the sum of every tensor)."""
-    h = hashlib.sha256(json.dumps([data_fp, cfg.loss, cfg.micro_batch_size]).encode())
+    """Key of the cached reference log-probs: the data's fingerprint, the objective (KTO adds KL rows) and
+    the reference weights themselves (a slice and the sum of every tensor)."""
+    h = hashlib.sha256(json.dumps([data_fp, cfg.loss]).encode())
     for name, p in sorted(model.state_dict().items()):
         flat = p.detach().reshape(-1).float()
         h.update(name.encode())
@@ -409,20 +421,16 @@ def load_checkpoint(path, model, opt):
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(cfg, model, examples, pad_id, device, ctx, ref):
+def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model):
     if not examples:
         return {}
     model.eval()
     tot, n = {}, 0
     for i in range(0, len(examples), cfg.micro_batch_size):
         idx = list(range(i, min(i + cfg.micro_batch_size, len(examples))))
-        if cfg.loss in PAIRWISE:
-            if cfg.loss == "kto" and len(idx) < 2:
-                continue
-            batch = to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
-            r = reference_logps(cfg, model, examples, idx, pad_id, device, ref) if cfg.loss in NEEDS_REF else None
-        else:
-            batch, r = to_device(data.collate([examples[j] for j in idx], pad_id), device), None
+        if cfg.loss == "kto" and len(idx) < 2:
+            continue
+        batch, r = make_batch(cfg, examples, idx, pad_id, device, ref_table, ref_model)
         with ctx:
             loss, m = compute_loss(cfg, model, batch, r, cfg.lam)
         for k, v in {"loss": loss, **m}.items():
@@ -459,14 +467,15 @@ def main(argv=None):
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank, world)
     model = build_model(cfg, tok, device)
-    pairwise = cfg.loss in PAIRWISE
     data_fp = data_fingerprint(tok, train_ex)
 
-    ref_table, ref_model = None, None
+    ref_table, eval_ref_table, ref_model = None, None, None
     if cfg.loss in NEEDS_REF and not cfg.reference_free:
         if cfg.ref == "precompute" and not cfg.onpolicy_every:  # fresh samples need a live reference
-            ref_table = precompute_reference(cfg, model, train_ex, tok.pad_id, device,
-                                             fingerprint(cfg, data_fp, model), rank)
+            ref_table, eval_ref_table = (
+                precompute_reference(cfg, model, ex, tok.pad_id, device,
+                                     fingerprint(cfg, data_fingerprint(tok, ex), model), rank) if ex else None
+                for ex in (train_ex, eval_ex))
         else:
             import copy
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
@@ -528,16 +537,8 @@ def main(argv=None):
         for a, idx in enumerate(plan[k]):
             if sampler is not None:
                 batch, ref = sampler.batch(idx, a, unwrap(model), ref_model, device)
-            elif pairwise:
-                batch = to_device(pair_batch(train_ex, idx, tok.pad_id, cfg.loss == "kto"), device)
-                ref = None
-                if ref_table is not None:
-                    ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]] +
-                                    ([ref_table[idx, 2]] if cfg.loss == "kto" else [])).to(device)
-                elif ref_model is not None:
-                    ref = reference_logps(cfg, model, train_ex, idx, tok.pad_id, device, ref_model)
             else:
-                batch, ref = to_device(data.collate([train_ex[i] for i in idx], tok.pad_id), device), None
+                batch, ref = make_batch(cfg, train_ex, idx, tok.pad_id, device, ref_table, ref_model)
             with no_sync(model, a == len(plan[k]) - 1), ctx:
                 loss, m = compute_loss(cfg, model, batch, ref, lam)
                 if "loss_scale" in batch:      # on-policy micro-batch without a usable pair
@@ -576,7 +577,7 @@ def main(argv=None):
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             last_log = rec
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-            ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_model)
+            ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model)
             if rank == 0 and ev:
                 bar.write(" ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
@@ -586,7 +587,7 @@ def main(argv=None):
     bar.close()
     path = save_checkpoint(cfg, model, opt, state, tok, rank, world)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
-    summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_model))
+    summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model))
     if demo_eval_rows is not None and cfg.gen_eval and rank == 0:
         em, example = generation_exact_match(unwrap(model), tok, demo_eval_rows, cfg.gen_eval, device)
         summary["heldout_exact_match"] = em

@@ -101,15 +101,20 @@ def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(tmp_path):
 
 
 def test_precomputed_reference_equals_online_and_cache_is_keyed(tmp_path, tok_path):
-    common = TINY + [f"--tokenizer={tok_path}", "--loss=dpo", "--max_steps=3", "--micro_batch_size=8"]
+    common = TINY + [f"--tokenizer={tok_path}", "--loss=dpo", "--max_steps=3", "--micro_batch_size=8",
+                     "--eval_every=3"]
     run(common + [f"--out_dir={tmp_path / 'pre'}", "--ref=precompute"])
     run(common + [f"--out_dir={tmp_path / 'onl'}", "--ref=online"])
     recs = [[json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("pre", "onl")]
     assert abs(recs[0][0]["loss"] - math.log(2)) < 1e-6          # policy == reference at step 0
     for x, y in zip(*recs):
-        assert abs(x["loss"] - y["loss"]) < 1e-6
+        for k in ("loss", "eval/loss"):
+            if k in x:
+                assert abs(x[k] - y[k]) < 1e-5, k
+    ev = [r["eval/loss"] for r in recs[0] if "eval/loss" in r]
+    assert len(ev) == 1 and abs(ev[0] - math.log(2)) > 1e-4     # held-out loss against the real reference
+    assert len(glob.glob(str(tmp_path / "pre" / "ref_logps-*.pt"))) == 2   # train and eval tables
     assert max_diff(weights(tmp_path / "pre"), weights(tmp_path / "onl")) < 1e-4  # Adam-amplified rounding
-    assert len(glob.glob(str(tmp_path / "pre" / "ref_logps-*.pt"))) == 1
     # the fingerprint moves with the data and with the model
     cfg = train.parse_config(common)
     tok = data.Tokenizer(tok_path)
