@@ -274,6 +274,11 @@ def collate(examples, pad_id):
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def to_device(batch, device):
+    """A collated batch (possibly with nested batches, e.g. KTO's KL rows) moved to `device`."""
+    return {k: to_device(v, device) if isinstance(v, dict) else v.to(device) for k, v in batch.items()}
+
+
 def collate_pairs(examples, pad_id):
     """[2B, T]: rows 0..B-1 prompt+chosen, rows B..2B-1 prompt+rejected; labels -100 on prompt and pad."""
     return collate([{"input_ids": e["prompt_ids"] + e[k], "labels": [IGNORE] * len(e["prompt_ids"]) + e[k]}

@@ -147,7 +147,7 @@ class Sampler:
                 ex = self.examples[i]
                 use_data = rng.random() < cfg.replay_ratio and "input_ids" in ex
                 rows.append(ex if use_data else row(prompt_of(ex), outs[max(range(len(rs)), key=rs.__getitem__)]))
-            return to_device(data.collate(rows, pad), device), None
+            return data.to_device(data.collate(rows, pad), device), None
         if cfg.loss in ("rwr", "reinforce"):
             rows, w = [], []
             for i in idx:
@@ -158,7 +158,7 @@ class Sampler:
                              else r - self.baseline)
             b = data.collate(rows, pad)
             b["weights"] = torch.tensor(w)
-            return to_device(b, device), None
+            return data.to_device(b, device), None
         pairs = []
         for i in idx:
             outs, rs = self.samples[i]
@@ -170,14 +170,10 @@ class Sampler:
         if empty:   # no usable pair: a zero-weighted dummy pair keeps every rank's backward in step
             p = prompt_of(self.examples[idx[0]])
             pairs = [{"prompt_ids": p, "chosen_ids": [self.tok.eos_id], "rejected_ids": [self.tok.eos_id]}]
-        b = to_device(data.collate_pairs(pairs, pad), device)
+        b = data.to_device(data.collate_pairs(pairs, pad), device)
         b["loss_scale"] = torch.tensor(0.0 if empty else 1.0, device=device)
         ref = None
         if ref_model is not None:
             with torch.no_grad():
                 ref = ift.seq_logps(ref_model, b)[0]
         return b, ref
-
-
-def to_device(batch, device):
-    return {k: v.to(device) for k, v in batch.items()}

@@ -277,8 +277,8 @@ def pair_batch(examples, idx, pad_id, kto: bool):
 def make_batch(cfg, examples, idx, pad_id, device, ref_table=None, ref_model=None):
     """A collated micro-batch and, for DPO/IPO/KTO, its reference log-probs (cached table or live model)."""
     if cfg.loss not in PAIRWISE:
-        return to_device(data.collate([examples[i] for i in idx], pad_id), device), None
-    batch = to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
+        return data.to_device(data.collate([examples[i] for i in idx], pad_id), device), None
+    batch = data.to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
     ref = None
     if ref_table is not None:
         ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]] + ([ref_table[idx, 2]] if "kl" in batch else []))
@@ -336,7 +336,7 @@ def precompute_reference(cfg, model, examples, pad_id, device, fingerprint, rank
     model.eval()
     for i in range(0, len(examples), 32):
         c = list(range(i, min(i + 32, len(examples))))
-        r = reference_logps(model, to_device(pair_batch(examples, c, pad_id, cfg.loss == "kto"), device)).float().cpu()
+        r = reference_logps(model, data.to_device(pair_batch(examples, c, pad_id, cfg.loss == "kto"), device)).float().cpu()
         out[c, 0], out[c, 1] = r[:len(c)], r[len(c):2 * len(c)]
         if r.numel() > 2 * len(c):
             out[c, 2] = r[2 * len(c):]
@@ -346,10 +346,6 @@ def precompute_reference(cfg, model, examples, pad_id, device, fingerprint, rank
         torch.save(out, tmp)
         os.replace(tmp, path)
     return out
-
-
-def to_device(batch, device):
-    return {k: (to_device(v, device) if isinstance(v, dict) else v.to(device)) for k, v in batch.items()}
 
 
 def data_fingerprint(tok, examples):
