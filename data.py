@@ -285,6 +285,18 @@ def collate_pairs(examples, pad_id):
                     for k in ("chosen_ids", "rejected_ids") for e in examples], pad_id)
 
 
+def pair_batch(examples, idx, pad_id, kto: bool = False):
+    """collate_pairs of examples[idx]. KTO adds mismatched rows for its KL estimate: prompt i with the
+    chosen answer of dataset example i+1 (fixed pairs, so precomputed reference log-probs stay valid)."""
+    batch = collate_pairs([examples[i] for i in idx], pad_id)
+    if kto:
+        n = len(examples)
+        batch["kl"] = collate([{"input_ids": examples[i]["prompt_ids"] + examples[(i + 1) % n]["chosen_ids"],
+                                "labels": [IGNORE] * len(examples[i]["prompt_ids"]) + examples[(i + 1) % n]["chosen_ids"]}
+                               for i in idx], pad_id)
+    return batch
+
+
 class Plan(list):
     """batch_plan's result, a list over optimizer steps; .dropped = examples left out this epoch."""
     dropped = 0

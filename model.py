@@ -291,16 +291,18 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k=None,
-                 top_p=None, seed=None, stop_ids=None, pad_id=None, until_all_stop: bool = True):
+                 top_p=None, seed=None, row_seeds=None, stop_ids=None, pad_id=None, until_all_stop: bool = True):
         """Batched generation over prompts of different lengths (left-padded, static KV cache).
         Returns the new ids of each prompt, the stop token included when hit and nothing after it.
-        until_all_stop=False always runs max_new_tokens steps (FSDP ranks must forward in lockstep)."""
+        row_seeds: one seed per prompt; each row then samples from its own generator, so its tokens do not
+        depend on which rows share the batch. until_all_stop=False always runs max_new_tokens steps (FSDP
+        ranks must forward in lockstep)."""
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
         # inference_mode trims per-op overhead; FSDP2 must not allocate its gather buffers under it.
         with torch.inference_mode(not hasattr(self, "reshard")):
             toks = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                  pad_id, until_all_stop)
+                                  pad_id, until_all_stop, row_seeds)
         stops = set(stop_ids if stop_ids is not None else [self.args.eos_token_id])
         out = []
         for row in toks:
@@ -308,7 +310,8 @@ class Transformer(nn.Module):
             out.append(row[:end])
         return out
 
-    def _generate(self, prompts, n_new, temperature, top_k, top_p, seed, stop_ids, pad_id, until_all_stop):
+    def _generate(self, prompts, n_new, temperature, top_k, top_p, seed, stop_ids, pad_id, until_all_stop,
+                  row_seeds=None):
         dev = self.embed_tokens.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
         S = P + n_new
@@ -325,6 +328,8 @@ class Transformer(nn.Module):
         slots = torch.arange(S, device=dev)
         mask = self._mask(slots, S, valid, dev)                # [B,1,S,S]
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
+        if row_seeds is not None:
+            gen = [torch.Generator(device=dev).manual_seed(s) for s in row_seeds]
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out = []
         self.setup_cache(B, S)
@@ -414,7 +419,10 @@ def sample(logits, temperature: float, top_k=None, top_p=None, generator=None):
         cum = srt.softmax(-1).cumsum(-1)
         drop = cum - srt.softmax(-1) > top_p        # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    probs = logits.softmax(-1)
+    if isinstance(generator, list):   # one generator per row
+        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def _weight_files(path):

@@ -6,20 +6,22 @@ into the batch the objective needs:
   dpo/ipo/orpo/simpo   pairs (best vs worst, or all) whose reward gap >= threshold, higher = chosen
   rwr            NLL weighted by min(exp(r / T), cap)
   reinforce      -(r - b) * log pi(y), b = running mean of rewards (a negative gradient)
-Sampling is seeded per (seed, round, prompt), never per rank, so a DDP run draws exactly the
-samples a single process with the same global batch draws.
+Sampling is seeded per (seed, round, prompt, sample), never per rank or batch, so a DDP or FSDP2 run draws
+exactly the samples a single process with the same global batch draws.
 """
 import hashlib
 import importlib
 import math
 import random
 import time
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 
 import data
 import ift
+import parallel
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -104,39 +106,88 @@ class Sampler:
         self.reward = load_reward(cfg.reward)
         self.world = world
         self.samples = {}          # example index -> (responses, rewards) of the current round
+        self.round_step = None     # step at which the current samples were drawn
         self.baseline = None       # REINFORCE running mean
         self.stats = {}
 
+    def due(self, step) -> bool:
+        """Sample now? Once for --sampling=offline, every onpolicy_every steps on-policy."""
+        if self.round_step is None:
+            return True
+        return self.cfg.sampling == "onpolicy" and step % self.cfg.onpolicy_every == 0 and step != self.round_step
+
     @torch.no_grad()
-    def refresh(self, model, step, indices, device):
-        """Sample N responses for every prompt in `indices` from the current weights."""
+    def refresh(self, model, step, indices, device, ctx=None, lockstep=False):
+        """Sample N responses for every prompt in `indices` from the current weights, sample_batch_size rows
+        (prompt x sample) per generate call. Each row draws from its own seed (seed, step, prompt, sample),
+        so what it samples does not depend on how rows are batched or sharded over ranks. lockstep (FSDP2):
+        every rank makes the same number of generate calls, each running all max_new_tokens steps, because
+        each forward all-gathers parameters with the other ranks."""
         cfg, tok = self.cfg, self.tok
         was_training = model.training
         model.eval()
         t0, ntok, allr = time.time(), 0, []
+        rows = [(i, j) for i in sorted(set(indices)) for j in range(cfg.n_samples)]
+        prompts = {i: prompt_of(self.examples[i]) for i, _ in rows}
+        rows.sort(key=lambda r: len(prompts[r[0]]))        # little left padding per call
+        chunks = [rows[a:a + cfg.sample_batch_size] for a in range(0, len(rows), cfg.sample_batch_size)]
+        n_calls = len(chunks)
+        if lockstep:
+            n_calls = int(parallel.all_reduce(torch.tensor([n_calls], device=device), dist.ReduceOp.MAX)[0])
+        got = {}
+        for c in range(n_calls):
+            part = chunks[c] if c < len(chunks) else None
+            ps = [prompts[i] for i, _ in part] if part else [[tok.bos_id]]     # a dummy call keeps step
+            seeds = [stable_seed(cfg.seed, step, i, j) for i, j in part] if part else [0]
+            with ctx or nullcontext():
+                outs = model.generate(ps, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                      row_seeds=seeds, stop_ids=[tok.eos_id], until_all_stop=not lockstep)
+            for r, o in zip(part or [], outs):
+                got[r] = o
         self.samples = {}
-        for i in sorted(set(indices)):
-            p = prompt_of(self.examples[i])
-            outs = model.generate([p] * cfg.n_samples, cfg.max_new_tokens, temperature=cfg.temperature,
-                                  top_p=cfg.top_p, seed=stable_seed(cfg.seed, step, i),
-                                  stop_ids=[tok.eos_id], until_all_stop=self.world == 1 or cfg.parallel != "fsdp")
-            text = tok.decode(p)
+        for i in sorted(prompts):
+            outs = [got[(i, j)] for j in range(cfg.n_samples)]
+            text = tok.decode(prompts[i])
             rs = [score(self.reward, text, tok.decode(o)) for o in outs]
             self.samples[i] = (outs, rs)
             ntok += sum(map(len, outs))
             allr += rs
         model.train(was_training)
+        self.round_step = step
         # Global reward statistics (one baseline and one logged mean for all ranks: DDP == single process).
-        tot = torch.tensor([sum(allr), sum(x * x for x in allr), len(allr)], dtype=torch.float64)
-        if self.world > 1:
-            dist.all_reduce(tot)
-        mean = float(tot[0] / tot[2])
-        var = float(tot[1] / tot[2]) - mean ** 2
+        tot = torch.tensor([sum(allr), sum(x * x for x in allr), len(allr)], dtype=torch.float64, device=device)
+        tot = parallel.all_reduce(tot).tolist()
+        mean = tot[0] / tot[2]
+        var = tot[1] / tot[2] - mean ** 2
         self.baseline = mean if self.baseline is None else 0.9 * self.baseline + 0.1 * mean
         self.stats = {"reward_mean": mean, "reward_std": max(var, 0.0) ** 0.5,
                       "sample_tok_s": ntok * self.world / max(time.time() - t0, 1e-9)}
 
-    def batch(self, idx, micro, model, ref_model, device):
+    def state_dict(self):
+        """This rank's round (samples, rewards, baseline), as plain tensors for the checkpoint: a resumed
+        run trains on the very samples the interrupted one drew (offline: those of the initial policy)."""
+        idx = sorted(self.samples)
+        outs = [o for i in idx for o in self.samples[i][0]]
+        return {"round_step": -1 if self.round_step is None else self.round_step,
+                "baseline": float("nan") if self.baseline is None else self.baseline,
+                "stats": dict(self.stats), "idx": torch.tensor(idx, dtype=torch.long),
+                "lengths": torch.tensor([len(o) for o in outs], dtype=torch.long),
+                "tokens": torch.tensor([t for o in outs for t in o], dtype=torch.long),
+                "rewards": torch.tensor([r for i in idx for r in self.samples[i][1]], dtype=torch.float64)}
+
+    def load_state_dict(self, sd):
+        n = self.cfg.n_samples
+        lengths, tokens, rewards = sd["lengths"].tolist(), sd["tokens"].tolist(), sd["rewards"].tolist()
+        offs = [0]
+        for x in lengths:
+            offs.append(offs[-1] + x)
+        outs = [tokens[offs[k]:offs[k + 1]] for k in range(len(lengths))]
+        self.samples = {i: (outs[a * n:(a + 1) * n], rewards[a * n:(a + 1) * n]) for a, i in enumerate(sd["idx"].tolist())}
+        self.round_step = None if sd["round_step"] < 0 else int(sd["round_step"])
+        self.baseline = None if math.isnan(sd["baseline"]) else float(sd["baseline"])
+        self.stats = dict(sd["stats"])
+
+    def batch(self, idx, ref_model, device, ctx=None):
         """The micro-batch for the objective from this round's samples (+ dataset rows by replay)."""
         cfg, pad = self.cfg, self.tok.pad_id
         rng = random.Random(stable_seed(cfg.seed, "replay", idx))
@@ -173,7 +224,7 @@ class Sampler:
         b = data.to_device(data.collate_pairs(pairs, pad), device)
         b["loss_scale"] = torch.tensor(0.0 if empty else 1.0, device=device)
         ref = None
-        if ref_model is not None:
-            with torch.no_grad():
+        if ref_model is not None:   # in the policy's compute context, so margins start at 0 exactly
+            with torch.no_grad(), ctx or nullcontext():
                 ref = ift.seq_logps(ref_model, b)[0]
         return b, ref

@@ -11,12 +11,9 @@ Single process, DDP or FSDP2 is chosen from the environment torchrun sets (WORLD
 round most updates away (SPEC §1.5).
 """
 import dataclasses
-import glob
-import hashlib
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -25,10 +22,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+import checkpoint
 import data
 import ift
 import onpolicy
-from model import ModelArgs, Transformer, atomic_dir, write_checkpoint
+import parallel
+import refcache
+from checkpoint import list_checkpoints  # noqa: F401  (public: tests and scripts list a run's checkpoints)
+from model import ModelArgs, Transformer, atomic_dir  # noqa: F401
+from refcache import data_fingerprint, fingerprint  # noqa: F401
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")
@@ -79,6 +81,7 @@ class Config:
     onpolicy_every: int = 0         # k: resample every k optimizer steps (0 = train on the dataset's answers)
     sampling: str = "onpolicy"      # onpolicy | offline (samples drawn once from the initial policy, reused)
     n_samples: int = 4
+    sample_batch_size: int = 64     # rows (prompt x sample) per generate call
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 32
@@ -112,6 +115,7 @@ class Config:
     log_every: int = 10
     gen_eval: int = 100             # held-out generation exact match at the end (demo task only)
     progress: bool = True
+    dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
 
 
 def parse_config(argv) -> Config:
@@ -160,24 +164,7 @@ def _set(cfg, key, value, source):
 
 
 # ---------------------------------------------------------------------------- setup
-def setup_distributed():
-    """(rank, local_rank, world). One process per GPU; multi-node via torchrun --nnodes."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if world == 1:
-        return 0, 0, 1
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), local, world
-
-
-def barrier(world):
-    if world > 1:
-        dist.barrier()
-
-
-def load_data(cfg, rank, world):
+def load_data(cfg, rank):
     """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared)."""
     pairwise = cfg.loss in PAIRWISE
     tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.model") if cfg.init_from else "")
@@ -195,7 +182,7 @@ def load_data(cfg, rank, world):
             if rank == 0 and not os.path.isfile(tok_path):
                 os.makedirs(cfg.out_dir, exist_ok=True)
                 data.train_tokenizer(data.corpus_text(rows), tok_path[:-len(".model")], cfg.vocab_size)
-            barrier(world)
+            parallel.barrier()
         tok = data.Tokenizer(tok_path)
     load = data.load_pairs if pairwise else data.load_sft
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length) if pairwise else \
@@ -224,33 +211,6 @@ def build_model(cfg, tok, device):
     return model
 
 
-def wrap(model, cfg, world, device, bf16):
-    if world == 1:
-        return model
-    if cfg.parallel == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    # fp32 sharded master weights; bf16 compute and fp32 gradient reduction on GPU.
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
-    for layer in model.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def unwrap(model):
-    return getattr(model, "module", model)
-
-
-def no_sync(model, sync: bool):
-    """Skip the gradient all-reduce on all but the last micro-step of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: a flag, set before every backward
-        model.set_requires_gradient_sync(sync)
-        return nullcontext()
-    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()
-
-
 def lr_at(cfg, step, total):
     warm = int(cfg.warmup_ratio * total)
     if step < warm:
@@ -262,29 +222,19 @@ def lr_at(cfg, step, total):
 
 
 # ---------------------------------------------------------------------------- losses
-def pair_batch(examples, idx, pad_id, kto: bool):
-    """Chosen rows, then rejected rows. KTO adds mismatched rows for its KL estimate: prompt i with the
-    chosen answer of dataset example i+1 (fixed pairs, so precomputed reference log-probs stay valid)."""
-    batch = data.collate_pairs([examples[i] for i in idx], pad_id)
-    if kto:
-        n = len(examples)
-        batch["kl"] = data.collate([{"input_ids": examples[i]["prompt_ids"] + examples[(i + 1) % n]["chosen_ids"],
-                                     "labels": [-100] * len(examples[i]["prompt_ids"]) + examples[(i + 1) % n]["chosen_ids"]}
-                                    for i in idx], pad_id)
-    return batch
-
-
-def make_batch(cfg, examples, idx, pad_id, device, ref_table=None, ref_model=None):
-    """A collated micro-batch and, for DPO/IPO/KTO, its reference log-probs (cached table or live model)."""
+def make_batch(cfg, examples, idx, pad_id, device, ctx, ref_table=None, ref_model=None):
+    """A collated micro-batch and, for DPO/IPO/KTO, its reference log-probs (cached table or live model,
+    the latter in the policy's own compute context: see refcache)."""
     if cfg.loss not in PAIRWISE:
         return data.to_device(data.collate([examples[i] for i in idx], pad_id), device), None
-    batch = data.to_device(pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
+    batch = data.to_device(data.pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
     ref = None
     if ref_table is not None:
         ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]] + ([ref_table[idx, 2]] if "kl" in batch else []))
         ref = ref.to(device)
     elif ref_model is not None:
-        ref = reference_logps(ref_model, batch)
+        with ctx:
+            ref = refcache.reference_logps(ref_model, batch)
     return batch, ref
 
 
@@ -314,171 +264,117 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
         n = (batch["labels"][:, 1:] != -100).sum(-1).to(s.dtype)
         return ift.ipo_loss(s[:B], s[B:], rc, rr, beta=cfg.beta, length_normalized=cfg.ipo_length_normalized,
                             n_chosen=n[:B], n_rejected=n[B:])
-    kl_s, _ = ift.seq_logps(model, batch["kl"])
+    with torch.no_grad():   # KL rows only set KTO's detached baseline z: no graph needed
+        kl_s, _ = ift.seq_logps(model, batch["kl"])
     return ift.kto_loss(torch.cat([s[:B], s[B:]]), torch.cat([rc, rr]),
                         torch.arange(2 * B, device=s.device) < B, kl_s, ref_logps[2 * B:], beta=cfg.beta)
 
 
-@torch.no_grad()
-def reference_logps(ref_model, batch):
-    """Summed log-probs of chosen, rejected (and KTO's KL rows) under the reference model."""
-    s, _ = ift.seq_logps(ref_model, batch)
-    return torch.cat([s, ift.seq_logps(ref_model, batch["kl"])[0]]) if "kl" in batch else s
-
-
-def precompute_reference(cfg, model, examples, pad_id, device, fingerprint, rank):
-    """Reference log-probs for every example, computed once with the initial model (= the
-    reference) and cached on disk under a fingerprint of data, tokenizer, template and model."""
-    path = os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{fingerprint}.pt")
-    if os.path.isfile(path):
-        return torch.load(path, weights_only=True)
-    out = torch.zeros(len(examples), 3)
-    model.eval()
-    for i in range(0, len(examples), 32):
-        c = list(range(i, min(i + 32, len(examples))))
-        r = reference_logps(model, data.to_device(pair_batch(examples, c, pad_id, cfg.loss == "kto"), device)).float().cpu()
-        out[c, 0], out[c, 1] = r[:len(c)], r[len(c):2 * len(c)]
-        if r.numel() > 2 * len(c):
-            out[c, 2] = r[2 * len(c):]
-    model.train()
-    if rank == 0:
-        tmp = path + ".tmp"
-        torch.save(out, tmp)
-        os.replace(tmp, path)
-    return out
-
-
-def data_fingerprint(tok, examples):
-    """sha256 of the tokenizer file and every tokenized example: moves with the data, the template and
-    the truncation lengths. Printed at start and stored with every checkpoint."""
-    import numpy as np
-    h = hashlib.sha256()
-    with open(tok.path, "rb") as f:
-        h.update(f.read())
-    for e in examples:
-        for k in sorted(e):
-            h.update(k.encode())
-            h.update(np.asarray(e[k], dtype=np.int64).tobytes())
-    return h.hexdigest()[:16]
-
-
-def fingerprint(cfg, data_fp, model):
-    """Key of the cached reference log-probs: the data's fingerprint, the objective (KTO adds KL rows) and
-    the reference weights themselves (a slice and the sum of every tensor)."""
-    h = hashlib.sha256(json.dumps([data_fp, cfg.loss]).encode())
-    for name, p in sorted(model.state_dict().items()):
-        flat = p.detach().reshape(-1).float()
-        h.update(name.encode())
-        h.update(flat[: 1 << 18].cpu().numpy().tobytes())
-        h.update(repr(float(flat.sum())).encode())
-    return h.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------- checkpoints
-def list_checkpoints(out_dir):
-    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt-*"))
-                  if os.path.isfile(os.path.join(p, "trainer_state.pt")))
-
-
-def save_checkpoint(cfg, model, opt, state, tok, rank, world):
-    """HF-layout model + tokenizer + trainer state, written to a temp dir and renamed. All ranks
-    take part in gathering (FSDP2); rank 0 alone writes (one writer per job, also multi-node)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
-    path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}")
-    if rank == 0:
-        def write(tmp):
-            write_checkpoint(tmp, unwrap(model).args, msd, extra_files={"tokenizer.model": tok.path})
-            torch.save({"optimizer": osd, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
-                       os.path.join(tmp, "trainer_state.pt"))
-        atomic_dir(path, write)
-        for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(world)
-    return path
-
-
-def load_checkpoint(path, model, opt):
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    sd = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
-    if unwrap(model).args.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
-    o = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, sd, options=o)
-    set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
-    torch.set_rng_state(state["rng"])
-    return state
+def reference(cfg, model, wrapped, train_ex, eval_ex, plans0, tok, device, ctx, bf16, rank, world):
+    """(train table, eval table, frozen reference model) for DPO/IPO/KTO; whichever applies, else None.
+    `model` is the unwrapped initial model (its weights key the cache), `wrapped` the policy as trained."""
+    if cfg.loss not in NEEDS_REF or cfg.reference_free:
+        return None, None, None
+    if cfg.ref == "online" or cfg.onpolicy_every:   # fresh samples need a live reference
+        import copy
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        if dist.is_initialized() and cfg.parallel == "fsdp":   # computes exactly as the policy: bf16 shards
+            ref = parallel.wrap(ref, "fsdp", device, bf16, True)
+        return None, None, ref
+    compute = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if dist.is_initialized() else 'single'}"
+    kto, mbs = cfg.loss == "kto", cfg.micro_batch_size
+    tables = []
+    for ex, batches in ((train_ex, refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
+                        (eval_ex, refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
+        if not ex:
+            tables.append(None)
+            continue
+        key = refcache.fingerprint(cfg, refcache.data_fingerprint(tok, ex), model, compute)
+        path = os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
+        tables.append(refcache.precompute(parallel.unwrap(wrapped), ex, batches, tok.pad_id, kto, device, ctx,
+                                          path, rank, world))
+    return tables[0], tables[1], None
 
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model):
-    if not examples:
+def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model, rank, world):
+    """Held-out loss and metrics, batches sharded over ranks, reduced globally (weighted by rows)."""
+    batches = refcache.eval_batches(len(examples), cfg.micro_batch_size, rank, world, cfg.loss == "kto")
+    if not batches:
         return {}
     model.eval()
-    tot, n = {}, 0
-    for i in range(0, len(examples), cfg.micro_batch_size):
-        idx = list(range(i, min(i + cfg.micro_batch_size, len(examples))))
-        if cfg.loss == "kto" and len(idx) < 2:
-            continue
-        batch, r = make_batch(cfg, examples, idx, pad_id, device, ref_table, ref_model)
+    keys, tot = None, None
+    for idx in batches:
+        real = idx is not None
+        idx = idx if real else list(range(min(cfg.micro_batch_size, len(examples))))  # a dummy: same forwards
+        batch, r = make_batch(cfg, examples, idx, pad_id, device, ctx, ref_table, ref_model)
         with ctx:
             loss, m = compute_loss(cfg, model, batch, r, cfg.lam)
-        for k, v in {"loss": loss, **m}.items():
-            tot[k] = tot.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) * len(idx)
-        n += len(idx)
+        vals = {"loss": loss, **m}
+        keys = keys or list(vals)
+        v = torch.stack([torch.as_tensor(vals[k], device=device).detach().double().reshape(()) for k in keys])
+        tot = (tot if tot is not None else torch.zeros(len(keys) + 1, dtype=torch.float64, device=device))
+        tot += torch.cat([v * len(idx), v.new_tensor([len(idx)])]) * real
     model.train()
-    return {f"eval/{k}": v / max(n, 1) for k, v in tot.items()}
+    tot = parallel.all_reduce(tot)
+    return {f"eval/{k}": float(x) for k, x in zip(keys, tot[:-1] / tot[-1].clamp(min=1))}
 
 
 @torch.no_grad()
-def generation_exact_match(model, tok, rows, n, device):
-    """Held-out exact match on the demo task: greedy answers scored by data.check_answer."""
+def generation_exact_match(model, tok, rows, n, device, ctx, rank, world, lockstep):
+    """Held-out exact match on the demo task: greedy answers scored by data.check_answer, prompts
+    sharded over ranks (every rank runs the same number of generate calls: FSDP2 forwards are collective)."""
     rows = rows[:n]
-    prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in rows]
+    chunks = [rows[i:i + 32] for i in range(0, len(rows), 32)]
+    mine = parallel.even_share(chunks, rank, world)
     model.eval()
-    outs = []
-    for i in range(0, len(prompts), 32):
-        outs += model.generate(prompts[i:i + 32], 48, stop_ids=[tok.eos_id])
+    hits, example = torch.zeros(2, dtype=torch.float64, device=device), ""
+    for c in mine:
+        part = c if c is not None else chunks[0]
+        prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
+        with ctx:
+            outs = model.generate(prompts, 48, stop_ids=[tok.eos_id], until_all_stop=not lockstep)
+        if c is not None:
+            hits += torch.tensor([sum(data.check_answer(r, tok.decode(o)) for r, o in zip(part, outs)), len(part)],
+                                 dtype=torch.float64, device=device)
+            example = example or tok.decode(outs[0])
     model.train()
-    scores = [data.check_answer(r, tok.decode(o)) for r, o in zip(rows, outs)]
-    return sum(scores) / max(1, len(scores)), tok.decode(outs[0]) if outs else ""
+    hits = parallel.all_reduce(hits)
+    return float(hits[0] / hits[1].clamp(min=1)), example
+
+
+def global_flag(bad: bool, device) -> bool:
+    """True on every rank if any rank saw `bad` (one tiny all-reduce: all ranks then stop together)."""
+    return bool(parallel.all_reduce(torch.tensor([float(bad)], device=device), dist.ReduceOp.MAX)[0] > 0)
 
 
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, local, world = setup_distributed()
+    rank, local, world, distributed = parallel.setup(cfg.dist_timeout_s)
+    try:
+        return train(cfg, rank, local, world, distributed)
+    finally:
+        if distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg, rank, local, world, distributed):
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    fsdp = distributed and cfg.parallel == "fsdp"
     # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not (world > 1 and cfg.parallel == "fsdp") \
-        else nullcontext()
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank, world)
+    tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
     model = build_model(cfg, tok, device)
-    data_fp = data_fingerprint(tok, train_ex)
-
-    ref_table, eval_ref_table, ref_model = None, None, None
-    if cfg.loss in NEEDS_REF and not cfg.reference_free:
-        if cfg.ref == "precompute" and not cfg.onpolicy_every:  # fresh samples need a live reference
-            ref_table, eval_ref_table = (
-                precompute_reference(cfg, model, ex, tok.pad_id, device,
-                                     fingerprint(cfg, data_fingerprint(tok, ex), model), rank) if ex else None
-                for ex in (train_ex, eval_ex))
-        else:
-            import copy
-            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    data_fp = refcache.data_fingerprint(tok, train_ex)
 
     lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
                for e in train_ex]
-    plan_of = lambda epoch: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch)
+    plan_of = lambda epoch, r=rank: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, r, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
     if steps_per_epoch == 0:
         sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of "
@@ -488,16 +384,27 @@ def main(argv=None):
     params = [p for p in model.parameters() if p.requires_grad]
     opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RMSprop
     gbs = cfg.micro_batch_size * cfg.grad_accum * world
-    run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs}
+    run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs,
+                "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
     state = {"step": 0, "epoch": 0, **run_info}
-    model = wrap(model, cfg, world, device, bf16)
-    opt = opt_cls(model.parameters() if world > 1 and cfg.parallel == "fsdp" else params, lr=cfg.lr,
-                  weight_decay=cfg.weight_decay)
-    ckpts = list_checkpoints(cfg.out_dir) if cfg.resume else []
-    if ckpts:
-        state = load_checkpoint(ckpts[-1], model, opt)
+    base = model
+    model = parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    # Reference log-probs come from the initial weights, so before any checkpoint is loaded.
+    plans0 = [plan_of(0, r) for r in range(world)] if cfg.loss in NEEDS_REF else None
+    ref_table, eval_ref_table, ref_model = reference(cfg, base, model, train_ex, eval_ex, plans0, tok, device, ctx,
+                                                     bf16, rank, world)
+    opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
+    resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    if resume_from:
+        state = checkpoint.load(resume_from, model, opt)
+        why = checkpoint.schedule_mismatch(state, run_info)
+        if why:
+            sys.exit(f"error: {why} ({resume_from})")
+        if sampler is not None and "sampler" in state:
+            sampler.load_state_dict(state["sampler"][rank])
         if rank == 0:
-            print(f"resumed from {ckpts[-1]} at step {state['step']}")
+            print(f"resumed from {resume_from} at step {state['step']}")
             if state.get("data_fingerprint") != data_fp:
                 print(f"warning: the data differ from the checkpoint's (fingerprint {data_fp} vs "
                       f"{state.get('data_fingerprint')}): the resumed run will not replay the same batches")
@@ -506,8 +413,11 @@ def main(argv=None):
         tokens_per_step = gbs * sum(lengths) / len(lengths)
         print(f"world {world} | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
               f"{steps_per_epoch} steps/epoch | {total} steps | "
-              f"{unwrap(model).num_params() / 1e6:.2f}M params | device {device} | bf16 {bf16}")
-    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
+              f"{parallel.unwrap(model).num_params() / 1e6:.2f}M params | device {device} | bf16 {bf16}")
+
+    def save(state):
+        extra = {"sampler": parallel.gather_objects(sampler.state_dict())} if sampler is not None else {}
+        return checkpoint.save(cfg, model, opt, {**state, **extra}, tok, rank)
 
     from tqdm import tqdm
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
@@ -524,18 +434,18 @@ def main(argv=None):
             g["lr"] = lr
         lam = ift.lambda_schedule(step, lam=cfg.lam, warmup_steps=cfg.lam_warmup_steps, min_lambda=cfg.min_lambda,
                                   max_lambda=cfg.lam, noise_std=cfg.lam_noise_std, seed=cfg.seed)
-        if sampler is not None and (not sampler.samples or cfg.sampling == "onpolicy" and step % cfg.onpolicy_every == 0):
+        if sampler is not None and sampler.due(step):
             horizon = total if cfg.sampling == "offline" else min(step + cfg.onpolicy_every, total)
             upcoming = [i for s in range(step, horizon)
                         for mb in plan_of(s // steps_per_epoch)[s % steps_per_epoch] for i in mb]
-            sampler.refresh(unwrap(model), step, upcoming, device)   # from the *current* weights
+            sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx, lockstep=fsdp)  # *current* weights
         acc = {}
         for a, idx in enumerate(plan[k]):
             if sampler is not None:
-                batch, ref = sampler.batch(idx, a, unwrap(model), ref_model, device)
+                batch, ref = sampler.batch(idx, ref_model, device, ctx)
             else:
-                batch, ref = make_batch(cfg, train_ex, idx, tok.pad_id, device, ref_table, ref_model)
-            with no_sync(model, a == len(plan[k]) - 1), ctx:
+                batch, ref = make_batch(cfg, train_ex, idx, tok.pad_id, device, ctx, ref_table, ref_model)
+            with parallel.no_sync(model, a == len(plan[k]) - 1), ctx:
                 loss, m = compute_loss(cfg, model, batch, ref, lam)
                 if "loss_scale" in batch:      # on-policy micro-batch without a usable pair
                     loss = loss * batch["loss_scale"]
@@ -546,24 +456,25 @@ def main(argv=None):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        if not (math.isfinite(acc["loss"]) and math.isfinite(float(gnorm))):
-            last = list_checkpoints(cfg.out_dir)
-            raise SystemExit(f"error: non-finite loss {acc['loss']} / grad norm {float(gnorm)} at step {step}; "
-                             f"stopping without saving. Last good checkpoint: {last[-1] if last else 'none'}")
+        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout.
+        if global_flag(not (math.isfinite(acc["loss"]) and math.isfinite(float(gnorm))), device):
+            last = checkpoint.latest(cfg.out_dir)
+            raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss {acc['loss']}, "
+                             f"grad norm {float(gnorm)}); stopping without saving. "
+                             f"Last good checkpoint: {last or 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
         state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            if world > 1:   # log the global mean, not rank 0's share (every rank joins the reduce)
-                vals = torch.tensor(list(acc.values()), device=device)
-                dist.all_reduce(vals)
+            if distributed:   # log the global mean, not rank 0's share (every rank joins the reduce)
+                vals = parallel.all_reduce(torch.tensor(list(acc.values()), device=device))
                 acc = dict(zip(acc, (vals / world).tolist()))
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = time.time() - t0
             rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
             if device.type == "cuda":
-                rec["mfu"] = unwrap(model).flops_per_token(cfg.max_length) * tokens / dt / (989e12 * world)
+                rec["mfu"] = parallel.unwrap(model).flops_per_token(cfg.max_length) * tokens / dt / (989e12 * world)
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if sampler is not None:
                 rec.update(sampler.stats)
@@ -573,27 +484,27 @@ def main(argv=None):
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             last_log = rec
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-            ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model)
+            ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
             if rank == 0 and ev:
                 bar.write(" ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": state["step"], **ev}) + "\n")
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
-            save_checkpoint(cfg, model, opt, state, tok, rank, world)
+            save(state)
     bar.close()
-    path = save_checkpoint(cfg, model, opt, state, tok, rank, world)
+    path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
-    summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model))
-    if demo_eval_rows is not None and cfg.gen_eval and rank == 0:
-        em, example = generation_exact_match(unwrap(model), tok, demo_eval_rows, cfg.gen_eval, device)
+    summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world))
+    if demo_eval_rows is not None and cfg.gen_eval:
+        em, example = generation_exact_match(parallel.unwrap(model), tok, demo_eval_rows, cfg.gen_eval, device, ctx,
+                                             rank, world, lockstep=fsdp)
         summary["heldout_exact_match"] = em
-        print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_eval_rows))} "
-              f"prompts (e.g. {example!r})")
+        if rank == 0:
+            print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_eval_rows))} "
+                  f"prompts (e.g. {example!r})")
     if rank == 0:
         print(json.dumps(summary))
         plot_curve(metrics_path)
-    if world > 1:
-        dist.destroy_process_group()
     return summary
 
 

@@ -58,7 +58,8 @@ def test_samples_come_from_the_current_weights(tok_path):
     assert set(sampler.samples) == {0, 1} and all(len(o) == 3 for o, _ in sampler.samples.values())
     def expected(model, step, i):   # what `model` itself samples for prompt i in that round
         return model.generate([onpolicy.prompt_of(ex[i])] * 3, 5, temperature=1.0, top_p=1.0,
-                              seed=onpolicy.stable_seed(cfg.seed, step, i), stop_ids=[tok.eos_id])
+                              row_seeds=[onpolicy.stable_seed(cfg.seed, step, i, j) for j in range(3)],
+                              stop_ids=[tok.eos_id])
     assert sampler.samples[1][0] == expected(m, 0, 1)
     old = train.build_model(train.parse_config(TINY), tok, torch.device("cpu"))
     m.init_weights(std=0.3, seed=5)           # new weights between rounds
@@ -72,9 +73,9 @@ def test_training_loop_resamples_with_the_live_weights(tmp_path, tok_path, monke
     seen = []
     orig = onpolicy.Sampler.refresh
 
-    def spy(self, model, step, indices, device):
+    def spy(self, model, step, indices, device, *a, **kw):
         seen.append((step, model.norm.weight.detach().clone()))
-        return orig(self, model, step, indices, device)
+        return orig(self, model, step, indices, device, *a, **kw)
     monkeypatch.setattr(onpolicy.Sampler, "refresh", spy)
     train.main(TINY + [f"--tokenizer={tok_path}", "--loss=sft", "--max_steps=4", "--micro_batch_size=4",
                        "--onpolicy_every=2", "--n_samples=2", "--max_new_tokens=4", f"--out_dir={tmp_path}"])
@@ -95,7 +96,7 @@ def test_pairs_respect_threshold_and_best_of_n_is_the_argmax(tok_path):
     ex, _ = data.load_sft(data.synthetic_task(2, 0), tok)
     sampler = onpolicy.Sampler(cfg, tok, ex, 0, 1)
     sampler.samples = {0: ([[5, 6], [7, 8, 2], [9]], [0.2, 0.7, 0.1]), 1: ([[4], [3]], [1.0, 0.0])}
-    b, _ = sampler.batch([0, 1], 0, None, None, torch.device("cpu"))
+    b, _ = sampler.batch([0, 1], None, torch.device("cpu"))
     for row, prompt, best in zip(range(2), (onpolicy.prompt_of(ex[0]), onpolicy.prompt_of(ex[1])), ([7, 8, 2], [4])):
         n = int(b["attention_mask"][row].sum())
         assert b["input_ids"][row, :n].tolist() == prompt + best

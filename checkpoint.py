@@ -1,0 +1,77 @@
+"""
+Checkpoints of a training run: `ckpt-XXXXXX/` = Hugging Face layout (config.json + model.safetensors,
+loadable by `transformers`) + the tokenizer + `trainer_state.pt` (optimizer, step, data position, RNG,
+config, sampler; plain tensors and containers, so `torch.load(weights_only=True)` reads it).
+Written to a temp dir and renamed: a run killed while writing never leaves a half checkpoint that
+`--resume` would pick. Global rank 0 alone chooses what to resume and writes; the others follow.
+"""
+import dataclasses
+import glob
+import os
+import shutil
+
+import torch
+
+import parallel
+from model import atomic_dir, write_checkpoint
+
+# Values that fix which examples each optimizer step sees; a resume that changes them would silently
+# replay other batches on another schedule.
+SCHEDULE_KEYS = ("world_size", "micro_batch_size", "grad_accum")
+
+
+def list_checkpoints(out_dir):
+    return sorted(p for p in glob.glob(os.path.join(out_dir, "ckpt-*"))
+                  if os.path.isfile(os.path.join(p, "trainer_state.pt")))
+
+
+def latest(out_dir):
+    """The newest complete checkpoint as rank 0 sees it, on every rank (a shared filesystem with caching
+    can show ranks different listings; they must all resume from the same step)."""
+    found = list_checkpoints(out_dir)
+    return parallel.broadcast_object(found[-1] if found else None)
+
+
+def save(cfg, model, opt, state, tok, rank):
+    """All ranks take part in gathering (FSDP2); rank 0 writes. Returns the checkpoint's path."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
+    path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}")
+    if rank == 0:
+        def write(tmp):
+            write_checkpoint(tmp, parallel.unwrap(model).args, msd, extra_files={"tokenizer.model": tok.path})
+            torch.save({"optimizer": osd, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
+                       os.path.join(tmp, "trainer_state.pt"))
+        atomic_dir(path, write)
+        for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    parallel.barrier()
+    return path
+
+
+def load(path, model, opt):
+    """Weights, optimizer and RNG into the (possibly wrapped) model; returns the trainer state."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+    sd = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
+    if parallel.unwrap(model).args.tie_word_embeddings:
+        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    o = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, sd, options=o)
+    set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
+    torch.set_rng_state(state["rng"])
+    return state
+
+
+def schedule_mismatch(saved: dict, now: dict):
+    """A one-line reason to refuse a resume whose batch schedule differs, or None."""
+    diff = [f"{k} {saved.get(k)} -> {now[k]}" for k in SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
+    if not diff:
+        return None
+    return ("cannot resume: the checkpoint was written with another batch schedule (" + ", ".join(diff) +
+            "); resuming would replay other batches. Use the same --nproc_per_node/--micro_batch_size/"
+            "--grad_accum, or start a new run in another --out_dir")

@@ -1,0 +1,93 @@
+"""
+How a run spreads over ranks: process group, DDP / FSDP2 wrapping, and the few collectives train.py,
+onpolicy.py and eval use. Two rules hold everywhere (gloo on CPU would hide a breach; NCCL on GPUs hangs
+or dies on it):
+  1. every tensor handed to torch.distributed lives on the training device (NCCL has no CPU collectives);
+  2. every rank makes the same collective calls the same number of times: work that is split unevenly
+     (eval batches, sampling rounds) is padded with dummy calls so the counts match (`even_share`).
+"""
+import os
+from contextlib import nullcontext
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+def setup(timeout_s: float = 3600):
+    """(rank, local_rank, world, distributed). Under torchrun, even with --nproc_per_node=1, the process
+    group is created and the model wrapped, so one GPU already exercises NCCL and the wrappers. The timeout
+    must outlast the longest one-rank phase (rank 0 writing a 7B checkpoint while the others wait)."""
+    if "LOCAL_RANK" not in os.environ:          # plain `python train.py`: no process group
+        return 0, 0, 1, False
+    local = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), local, dist.get_world_size(), True
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place global reduction (sum by default) of a tensor that is already on the training device."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s value of a small picklable object, on every rank (e.g. which checkpoint to resume)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def gather_objects(obj) -> list:
+    """[rank 0's obj, rank 1's obj, ...] on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def even_share(items: list, rank: int, world: int) -> list:
+    """This rank's items (i, i + world, ...) padded with None up to every rank's count, so that a loop
+    that runs a collective forward per item (FSDP2) runs it equally often on every rank."""
+    per_rank = -(-len(items) // world)
+    mine = items[rank::world]
+    return mine + [None] * (per_rank - len(mine))
+
+
+def wrap(model, parallel: str, device, bf16: bool, distributed: bool):
+    """DDP, or FSDP2 with fp32 sharded master weights (bf16 compute, fp32 gradient reduction)."""
+    if not distributed:
+        return model
+    if parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
+    for layer in model.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model
+
+
+def unwrap(model):
+    """The Transformer inside DDP (FSDP2 shards in place: the model is its own module)."""
+    return getattr(model, "module", model)
+
+
+def no_sync(model, sync: bool):
+    """Skip the gradient reduction on all but the last micro-step of an accumulation."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: a flag, set before every backward
+        model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()

@@ -1,0 +1,103 @@
+"""
+Reference log-probs for DPO / IPO / KTO, computed once with the initial model (= the reference) and
+cached on disk, so training holds one model only.
+
+Two things make the cached values equal to what a frozen reference would give *inside* the training step:
+- the same precision: they are computed by the wrapped policy itself (FSDP2's bf16 parameters, or the
+  same autocast context), never by an fp32 copy next to a bf16 policy, which would bias every margin;
+- the same batches: each rank computes its own micro-batches of the first epoch exactly as training will
+  see them (same rows, same padding), so at step 0 policy and reference agree bit for bit (margin 0,
+  DPO loss ln 2). Rows that epoch never visits are spread over the ranks; every rank runs the same number
+  of forwards (FSDP2's all-gathers), and one sum over ranks fills the table.
+"""
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+import data
+import ift
+import parallel
+
+
+@torch.no_grad()
+def reference_logps(ref_model, batch):
+    """Summed log-probs of chosen, rejected (and KTO's KL rows) under the reference model."""
+    s, _ = ift.seq_logps(ref_model, batch)
+    return torch.cat([s, ift.seq_logps(ref_model, batch["kl"])[0]]) if "kl" in batch else s
+
+
+def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, world):
+    """[N, 3] table (chosen, rejected, KTO KL row) of summed reference log-probs, read from `path` if
+    cached there. `batches`: this rank's lists of example indices (None = a dummy forward that keeps the
+    ranks in step). Rank 0 writes the cache (temp file + rename)."""
+    if os.path.isfile(path):
+        return torch.load(path, weights_only=True)
+    from tqdm import tqdm
+    out = torch.zeros(len(examples), 3, device=device)
+    was_training = model.training
+    model.eval()
+    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0, leave=False):
+        b = data.to_device(data.pair_batch(examples, c if c is not None else [0], pad_id, kto), device)
+        with ctx:
+            r = reference_logps(model, b).float()
+        if c is None:
+            continue
+        n = len(c)
+        idx = torch.tensor(c, device=device)
+        out[idx, 0], out[idx, 1] = r[:n], r[n:2 * n]
+        if kto:
+            out[idx, 2] = r[2 * n:]
+    model.train(was_training)
+    out = parallel.all_reduce(out).cpu()      # each row was filled by exactly one rank: x + 0 = x exactly
+    if rank == 0:
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save(out, tmp)
+        os.replace(tmp, path)
+    parallel.barrier()
+    return out
+
+
+def train_batches(plan0, all_plans0, n, micro_batch_size, rank, world):
+    """This rank's first-epoch micro-batches, then its share of the rows no rank visits in that epoch."""
+    mine = [mb for step in plan0 for mb in step]
+    seen = {i for p in all_plans0 for step in p for mb in step for i in mb}
+    rest = [i for i in range(n) if i not in seen]
+    rest_batches = [rest[i:i + micro_batch_size] for i in range(0, len(rest), micro_batch_size)]
+    return mine + parallel.even_share(rest_batches, rank, world)
+
+
+def eval_batches(n, micro_batch_size, rank, world, kto=False):
+    """The held-out batches exactly as `train.evaluate` shards them (KTO skips single-row batches)."""
+    chunks = [list(range(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)]
+    if kto:
+        chunks = [c for c in chunks if len(c) >= 2]
+    return parallel.even_share(chunks, rank, world)
+
+
+def data_fingerprint(tok, examples):
+    """sha256 of the tokenizer file and every tokenized example: moves with the data, the template and
+    the truncation lengths. Printed at start and stored with every checkpoint."""
+    h = hashlib.sha256()
+    with open(tok.path, "rb") as f:
+        h.update(f.read())
+    for e in examples:
+        for k in sorted(e):
+            h.update(k.encode())
+            h.update(np.asarray(e[k], dtype=np.int64).tobytes())
+    return h.hexdigest()[:16]
+
+
+def fingerprint(cfg, data_fp, model, compute: str = ""):
+    """Key of a cached table: the data's fingerprint, the objective (KTO adds KL rows), the compute
+    precision/wrapping (`compute`, e.g. "bf16-fsdp": an fp32 table would bias a bf16 run) and the reference
+    weights themselves (a slice and the sum of every tensor)."""
+    h = hashlib.sha256(json.dumps([data_fp, cfg.loss] + ([compute] if compute else [])).encode())
+    for name, p in sorted(model.state_dict().items()):
+        flat = p.detach().reshape(-1).float()
+        h.update(name.encode())
+        h.update(flat[: 1 << 18].cpu().numpy().tobytes())
+        h.update(repr(float(flat.sum())).encode())
+    return h.hexdigest()[:16]
