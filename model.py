@@ -120,17 +120,48 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Static, preallocated cache (gpt-fast style): fixed shapes so decoding can be compiled."""
-    def __init__(self, batch, n_kv_heads, max_len, head_dim, dtype, device):
+    """Static, preallocated cache (gpt-fast style): fixed shapes so decoding can be compiled.
+    The buffers take the dtype of the first keys written (the compute dtype: bf16 under autocast or
+    FSDP2's bf16 param_dtype, whatever the master weights are), so no step ever converts the cache."""
+    def __init__(self, batch, n_kv_heads, max_len, head_dim, device):
         super().__init__()
-        shape = (batch, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.shape, self.device = (batch, n_kv_heads, max_len, head_dim), device
+        # Registered buffers (not plain attributes): torch.compile / CUDA graphs then treat them as
+        # static inputs mutated in place.
+        self.register_buffer("k", None, persistent=False)
+        self.register_buffer("v", None, persistent=False)
 
     def update(self, input_pos, k, v):
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
+        if self.k is None or self.k.dtype != k.dtype:   # first write (eager prefill)
+            self.k = torch.zeros(self.shape, dtype=k.dtype, device=self.device)
+            self.v = torch.zeros(self.shape, dtype=k.dtype, device=self.device)
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
         return self.k, self.v
+
+
+def cached_attention(q, k, v, mask):
+    """Generation's attention, q [B,H,T,D] against k/v [B,Hkv,S,D]; mask None = plain causal, else
+    bool [B|1,1,T,S]. Kernels on CUDA (torch 2.11, bf16/fp16):
+    - no mask (prefill of equal-length prompts): is_causal + enable_gqa -> flash attention, which
+      takes GQA natively;
+    - a mask (left padding, the cache's unwritten slots, the sliding window): flash refuses any
+      mask and the memory-efficient kernel refuses enable_gqa, so SDPA would fall to the math kernel
+      (K/V repeated over the whole cache, fp32 scores). Instead fold each kv head's G query heads
+      into the query-length axis: q [B,Hkv,G*T,D] against the cache as it is, the mask repeated G
+      times along the queries (a stride-0 view when T == 1). That is exactly GQA (every query row
+      is its own softmax) and takes the memory-efficient kernel with no K/V copy.
+    On CPU both go to the CPU flash kernel, which takes masks."""
+    B, H, T, D = q.shape
+    G = H // k.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
+    if G == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    b, S = mask.shape[0], mask.shape[-1]
+    m = mask[:, :, None].expand(b, 1, G, T, S).reshape(b, 1, G * T, S)
+    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=m)
+    return y.view(B, H, T, D)
 
 
 class Attention(nn.Module):
@@ -150,7 +181,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None and input_pos is not None:
-            k, v = self.cache.update(input_pos, k, v)
+            ck, cv = self.cache.update(input_pos, k, v)
+            # Prefill (T > 1, slots 0..T-1) attends to its own keys only; a decode step to the cache.
+            y = cached_attention(q, k, v, mask) if T > 1 else cached_attention(q, ck, cv, mask)
+            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
         # Query head h reads kv head h // (n_heads / n_kv_heads): exactly SDPA's enable_gqa grouping.
         y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
                                            is_causal=mask is None,
@@ -219,11 +253,16 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, on: bool = True):
         self.grad_checkpointing = on
 
-    def setup_cache(self, batch: int, max_len: int, dtype=None):
-        w = self.embed_tokens.weight
+    def setup_cache(self, batch: int, max_len: int, keep: bool = False) -> int:
+        """One KVCache per layer; returns its length. keep=True (compiled generation) reuses a cache
+        of the same batch that is long enough: same buffers, so no recompile / CUDA-graph re-record."""
+        cache = self.layers[0].self_attn.cache
+        if keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len:
+            return cache.shape[2]
+        dev = self.embed_tokens.weight.device
         for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim,
-                                            dtype or w.dtype, w.device)
+            layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dev)
+        return max_len
 
     def clear_cache(self):
         for layer in self.layers:
@@ -249,15 +288,21 @@ class Transformer(nn.Module):
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, position_ids=None,
                 mix_ids=None, mix_lambda: float = 0.0, freeze_embeddings: bool = False,
-                select=None, return_hidden: bool = False):
+                select=None, return_hidden: bool = False, input_pos=None):
         """input_ids [B,T] or inputs_embeds [B,T,D] -> logits [B,T,V].
         attention_mask [B,T]: 1 = token, 0 = padding (left or right); positions then count tokens only.
+        input_pos [T] (generation, after setup_cache): the cache slots of these tokens; then
+          position_ids [B,T] are required, attention_mask is [B,S] over the cache's S slots (None = all
+          valid), and only the last position's logits come back, [B,1,V]. Generation calls the model
+          this way, through __call__, so FSDP2's root hooks gather embed_tokens / norm / lm_head.
         mix_ids/mix_lambda: IFT's temporal residual connection, (1-λ)E(ids) + λE(mix_ids), computed
           here so the (possibly FSDP-sharded) embedding table is only touched inside forward.
         select: bool [B,T] -> logits only at those positions, [N,V] (a 32k vocab never materialised
           for prompt tokens). return_hidden: final-norm hidden states instead of logits."""
         h = inputs_embeds if inputs_embeds is not None else \
             self.embed(input_ids, mix_ids, mix_lambda, freeze_embeddings)
+        if input_pos is not None:
+            return self._cached_forward(h, position_ids, input_pos, attention_mask)
         B, T = h.shape[:2]
         if attention_mask is not None and position_ids is None \
                 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
@@ -271,6 +316,16 @@ class Transformer(nn.Module):
         if select is not None:
             h = h[select]
         return h if return_hidden else self.lm_head(h)
+
+    def _cached_forward(self, h, position_ids, input_pos, valid):
+        T, S = h.shape[1], self.layers[0].self_attn.cache.shape[2]
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        if T > 1:   # prefill from slot 0: queries see keys 0..T-1 (None = plain causal, no padding)
+            mask = self._mask(input_pos, T, None if valid is None else valid[:, :T], h.device)
+        else:       # decode: the whole cache, minus padding, unwritten slots and the window
+            mask = self._mask(input_pos, S, valid, h.device)
+        h = self.trunk(h, cos, sin, mask, input_pos)
+        return self.lm_head(h[:, -1:])
 
     def embed(self, input_ids, mix_ids=None, mix_lambda=0.0, freeze_embeddings=False):
         W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
@@ -291,30 +346,35 @@ class Transformer(nn.Module):
 
     # ---------------------------------------------------------------- generation
     def generate(self, prompts, max_new_tokens: int, *, temperature: float = 0.0, top_k=None,
-                 top_p=None, seed=None, row_seeds=None, stop_ids=None, pad_id=None, until_all_stop: bool = True):
+                 top_p=None, seed=None, row_seeds=None, stop_ids=None, pad_id=None,
+                 until_all_stop: bool = True, stop_fn=None, compile: bool = False):
         """Batched generation over prompts of different lengths (left-padded, static KV cache).
         Returns the new ids of each prompt, the stop token included when hit and nothing after it.
-        row_seeds: one seed per prompt; each row then samples from its own generator, so its tokens do not
-        depend on which rows share the batch. until_all_stop=False always runs max_new_tokens steps (FSDP
-        ranks must forward in lockstep)."""
+        seed: one generator for the whole batch. row_seeds: one seed per prompt, each row drawing
+          from its own generator, so a row's sample does not depend on which rows share its batch or
+          how they are padded (exact up to logits rounding). Greedy (temperature 0) needs neither.
+        stop_fn(row, new_ids) -> bool: called on the host after every step for each running row
+          (e.g. "the decoded text holds a stop string"); True ends that row there, like a stop id.
+        until_all_stop=False always runs max_new_tokens steps (FSDP ranks must forward in lockstep).
+        compile=True: torch.compile the fixed-shape one-token step (mode="reduce-overhead", i.e.
+          CUDA graphs, on CUDA); the cache is kept between calls (clear_cache() frees it).
+        Every model computation goes through self(...) (forward), never embed/trunk/lm_head alone."""
         if not prompts or min(len(p) for p in prompts) == 0:
             raise ValueError("generate: every prompt needs at least one token (e.g. BOS)")
+        if row_seeds is not None and len(row_seeds) != len(prompts):
+            raise ValueError(f"generate: {len(row_seeds)} row_seeds for {len(prompts)} prompts")
         # inference_mode trims per-op overhead; FSDP2 must not allocate its gather buffers under it.
-        with torch.inference_mode(not hasattr(self, "reshard")):
-            toks = self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, stop_ids,
-                                  pad_id, until_all_stop, row_seeds)
-        stops = set(stop_ids if stop_ids is not None else [self.args.eos_token_id])
-        out = []
-        for row in toks:
-            end = next((j + 1 for j, t in enumerate(row) if t in stops), len(row))
-            out.append(row[:end])
-        return out
+        fsdp = hasattr(self, "reshard")
+        with torch.no_grad() if fsdp else torch.inference_mode():
+            return self._generate(prompts, max_new_tokens, temperature, top_k, top_p, seed, row_seeds,
+                                  stop_ids, pad_id, until_all_stop, stop_fn, compile)
 
-    def _generate(self, prompts, n_new, temperature, top_k, top_p, seed, stop_ids, pad_id, until_all_stop,
-                  row_seeds=None):
+    def _generate(self, prompts, n_new, temperature, top_k, top_p, seed, row_seeds, stop_ids, pad_id,
+                  until_all_stop, stop_fn, compile):
         dev = self.embed_tokens.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        S = P + n_new
+        # Compiled: round the cache up so nearby prompt lengths share one compiled step / CUDA graph.
+        S = self.setup_cache(B, -(-(P + n_new) // 256) * 256 if compile else P + n_new, keep=compile)
         stop = torch.tensor(stop_ids if stop_ids is not None else [self.args.eos_token_id], device=dev)
         pad = pad_id if pad_id is not None else self.args.eos_token_id
         ids = torch.full((B, P), pad, dtype=torch.long, device=dev)
@@ -322,35 +382,42 @@ class Transformer(nn.Module):
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, device=dev)
             valid[b, :P - len(p)] = False
-        # Built once per call, sliced per step: RoPE tables, and the causal+window+padding mask.
-        pos = (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
-        cos_t, sin_t = rope_cos_sin(torch.arange(S, device=dev), self.args.head_dim, self.args.rope_theta)
+        valid = valid if any(len(p) < P for p in prompts) else None   # no padding: maskless prefill
+        pos = torch.arange(P, device=dev)[None].expand(B, P) if valid is None else \
+            (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
         slots = torch.arange(S, device=dev)
-        mask = self._mask(slots, S, valid, dev)                # [B,1,S,S]
-        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
-        if row_seeds is not None:
-            gen = [torch.Generator(device=dev).manual_seed(s) for s in row_seeds]
+        gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None and row_seeds is None else None
+        row_gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in row_seeds] \
+            if row_seeds is not None and temperature > 0 else None
+        step = _compiled_step(dev.type) if compile else _step
         done = torch.zeros(B, dtype=torch.bool, device=dev)
-        out = []
-        self.setup_cache(B, S)
+        out, alive, hist = [], [], [[] for _ in range(B)]
         try:
-            h = self.trunk(self.embed(ids), cos_t[pos], sin_t[pos], mask[:, :, :P], slots[:P])
-            logits = self.lm_head(h[:, -1])
+            logits = self(ids, position_ids=pos, input_pos=slots[:P], attention_mask=valid)[:, -1]
             next_pos = pos[:, -1:] + 1
             for i in range(n_new):
-                tok = sample(logits.float(), temperature, top_k, top_p, gen)
+                tok = sample(logits.float(), temperature, top_k, top_p, gen, row_gens)
                 tok = torch.where(done, torch.full_like(tok, pad), tok)
                 out.append(tok)
+                alive.append(~done)
                 done = done | torch.isin(tok, stop)
+                if stop_fn is not None:   # one host sync per step
+                    hit = []
+                    for b, (t, d, a) in enumerate(zip(tok.tolist(), done.tolist(), alive[-1].tolist())):
+                        if a:
+                            hist[b].append(t)
+                        hit.append(a and not d and bool(stop_fn(b, hist[b])))
+                    done = done | torch.tensor(hit, device=dev)
                 if (until_all_stop and bool(done.all())) or i == n_new - 1:
                     break
-                h = self.trunk(self.embed(tok[:, None]), cos_t[next_pos], sin_t[next_pos],
-                               mask[:, :, P + i:P + i + 1], slots[P + i:P + i + 1])
-                logits = self.lm_head(h[:, -1])
+                # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
+                logits = step(self, tok[:, None], next_pos, slots[P + i:P + i + 1], valid).clone()
                 next_pos = next_pos + 1
         finally:
-            self.clear_cache()
-        return torch.stack(out, 1).tolist()
+            if not compile:
+                self.clear_cache()
+        lengths = torch.stack(alive, 1).sum(1).tolist()
+        return [row[:n] for row, n in zip(torch.stack(out, 1).tolist(), lengths)]
 
     # ---------------------------------------------------------------- checkpoints
     @classmethod
@@ -406,8 +473,26 @@ class Transformer(nn.Module):
                                                       dtype, max_shard_bytes, extra_files))
 
 
-def sample(logits, temperature: float, top_k=None, top_p=None, generator=None):
-    """logits [B,V] fp32 -> token ids [B]. Greedy when temperature == 0."""
+def _step(model, tok, position_ids, input_pos, valid):
+    """One decode step through forward: fixed shapes ([B,1] token, [1] slot, [B,S] mask), which is
+    what makes it compilable and CUDA-graph capturable."""
+    return model(tok, position_ids=position_ids, input_pos=input_pos, attention_mask=valid)[:, -1]
+
+
+_COMPILED = {}
+
+
+def _compiled_step(device_type: str):
+    if device_type not in _COMPILED:   # one compiled function per device type; dynamo caches per shape
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(_step, mode=mode, fullgraph=True)
+    return _COMPILED[device_type]
+
+
+def sample(logits, temperature: float, top_k=None, top_p=None, generator=None, row_generators=None):
+    """logits [B,V] fp32 -> token ids [B]. Greedy when temperature == 0. row_generators: one
+    torch.Generator per row; row b's draw then uses only its own generator (exponential race:
+    argmax p / E with E = -log U, U ~ uniform from that generator, which samples p exactly)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits / temperature
@@ -420,8 +505,10 @@ def sample(logits, temperature: float, top_k=None, top_p=None, generator=None):
         drop = cum - srt.softmax(-1) > top_p        # keep the smallest prefix whose mass reaches top_p
         logits = logits.masked_fill(drop.scatter(-1, idx, drop), float("-inf"))
     probs = logits.softmax(-1)
-    if isinstance(generator, list):   # one generator per row
-        return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generator)])
+    if row_generators is not None:
+        V = probs.shape[-1]
+        u = torch.stack([torch.rand(V, generator=g, device=probs.device) for g in row_generators])
+        return (probs / -torch.log(u)).argmax(-1)     # U = 0 -> E = inf -> never chosen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
