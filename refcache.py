@@ -29,7 +29,7 @@ def reference_logps(ref_model, batch):
     return torch.cat([s, ift.seq_logps(ref_model, batch["kl"])[0]]) if "kl" in batch else s
 
 
-def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, world):
+def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, world, progress=True):
     """[N, 3] table (chosen, rejected, KTO KL row) of summed reference log-probs, read from `path` if
     cached there. `batches`: this rank's lists of example indices (None = a dummy forward that keeps the
     ranks in step). Rank 0 writes the cache (temp file + rename)."""
@@ -39,7 +39,7 @@ def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, w
     out = torch.zeros(len(examples), 3, device=device)
     was_training = model.training
     model.eval()
-    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0, leave=False):
+    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0 or not progress, leave=False):
         b = data.to_device(data.pair_batch(examples, c if c is not None else [0], pad_id, kto), device)
         with ctx:
             r = reference_logps(model, b).float()

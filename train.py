@@ -246,8 +246,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
         return ift.ift_loss(model, batch, lam=lam, gamma=cfg.gamma, kind=cfg.prop_kind, side=cfg.prop_side,
                             norm=cfg.prop_norm, detach_weights=cfg.detach_weights,
                             freeze_input_embeddings=cfg.freeze_input_embeddings)
-    if cfg.loss in ("rwr", "reinforce"):
-        return onpolicy.weighted_nll_loss(model, batch)
+    if cfg.loss in ("rwr", "reinforce"):   # held-out rows (dataset answers, no weights): plain SFT NLL
+        return onpolicy.weighted_nll_loss(model, batch) if "weights" in batch else ift.sft_loss(model, batch)
     s, mean = ift.seq_logps(model, batch)
     B = s.shape[0] // 2
     if cfg.loss == "orpo":
@@ -270,30 +270,36 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
                         torch.arange(2 * B, device=s.device) < B, kl_s, ref_logps[2 * B:], beta=cfg.beta)
 
 
-def reference(cfg, model, wrapped, train_ex, eval_ex, plans0, tok, device, ctx, bf16, rank, world):
-    """(train table, eval table, frozen reference model) for DPO/IPO/KTO; whichever applies, else None.
-    `model` is the unwrapped initial model (its weights key the cache), `wrapped` the policy as trained."""
-    if cfg.loss not in NEEDS_REF or cfg.reference_free:
-        return None, None, None
-    if cfg.ref == "online" or cfg.onpolicy_every:   # fresh samples need a live reference
-        import copy
-        ref = copy.deepcopy(model).eval().requires_grad_(False)
-        if dist.is_initialized() and cfg.parallel == "fsdp":   # computes exactly as the policy: bf16 shards
-            ref = parallel.wrap(ref, "fsdp", device, bf16, True)
-        return None, None, ref
-    compute = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if dist.is_initialized() else 'single'}"
+def frozen_reference(cfg, model, device, bf16, fsdp):
+    """A frozen copy of the initial model for --ref=online and on-policy DPO/IPO (fresh samples need a live
+    reference), else None. Under FSDP2 it is sharded like the policy, so it computes exactly as the policy
+    does (bf16 parameters); elsewhere it runs in the policy's autocast context (make_batch)."""
+    if cfg.loss not in NEEDS_REF or cfg.reference_free or not (cfg.ref == "online" or cfg.onpolicy_every):
+        return None
+    import copy
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
+
+
+def reference_tables(cfg, model, keys, train_ex, eval_ex, plans0, pad_id, device, ctx, rank, world):
+    """Precomputed (train, eval) tables for DPO/IPO/KTO with --ref=precompute, computed by the policy as it
+    will train (wrapped, in its compute context; refcache explains why); `keys` from `table_keys`."""
     kto, mbs = cfg.loss == "kto", cfg.micro_batch_size
     tables = []
-    for ex, batches in ((train_ex, refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
-                        (eval_ex, refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
-        if not ex:
-            tables.append(None)
-            continue
-        key = refcache.fingerprint(cfg, refcache.data_fingerprint(tok, ex), model, compute)
+    for ex, key, batches in ((train_ex, keys[0], refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
+                             (eval_ex, keys[1], refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
         path = os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
-        tables.append(refcache.precompute(parallel.unwrap(wrapped), ex, batches, tok.pad_id, kto, device, ctx,
-                                          path, rank, world))
-    return tables[0], tables[1], None
+        tables.append(refcache.precompute(parallel.unwrap(model), ex, batches, pad_id, kto, device, ctx, path, rank,
+                                          world, cfg.progress) if ex else None)
+    return tables
+
+
+def table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed):
+    """Cache keys of the reference tables, from the initial (unwrapped) weights, or None if no table is used."""
+    if cfg.loss not in NEEDS_REF or cfg.reference_free or cfg.ref == "online" or cfg.onpolicy_every:
+        return None
+    compute = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if distributed else 'single'}"
+    return [refcache.fingerprint(cfg, refcache.data_fingerprint(tok, ex), model, compute) for ex in (train_ex, eval_ex)]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -387,13 +393,18 @@ def train(cfg, rank, local, world, distributed):
     run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs,
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
     state = {"step": 0, "epoch": 0, **run_info}
-    base = model
+    # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
+    keys = table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed)
+    ref_model = frozen_reference(cfg, model, device, bf16, fsdp)
     model = parallel.wrap(model, cfg.parallel, device, bf16, distributed)
-    # Reference log-probs come from the initial weights, so before any checkpoint is loaded.
-    plans0 = [plan_of(0, r) for r in range(world)] if cfg.loss in NEEDS_REF else None
-    ref_table, eval_ref_table, ref_model = reference(cfg, base, model, train_ex, eval_ex, plans0, tok, device, ctx,
-                                                     bf16, rank, world)
+    # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
+    # optimizer built then would hold those instead of the sharded master weights.
     opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ref_table = eval_ref_table = None
+    if keys:
+        ref_table, eval_ref_table = reference_tables(cfg, model, keys, train_ex, eval_ex,
+                                                     [plan_of(0, r) for r in range(world)], tok.pad_id, device, ctx,
+                                                     rank, world)
     sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
     resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
     if resume_from:
@@ -411,7 +422,8 @@ def train(cfg, rank, local, world, distributed):
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
         tokens_per_step = gbs * sum(lengths) / len(lengths)
-        print(f"world {world} | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
+        mode = cfg.parallel if distributed else "single process"
+        print(f"world {world} ({mode}) | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
               f"{steps_per_epoch} steps/epoch | {total} steps | "
               f"{parallel.unwrap(model).num_params() / 1e6:.2f}M params | device {device} | bf16 {bf16}")
 
