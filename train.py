@@ -28,7 +28,7 @@ import torch.distributed as dist
 import data
 import ift
 import onpolicy
-from model import ModelArgs, Transformer, atomic_dir, write_checkpoint
+from model import CheckpointError, ModelArgs, Transformer, atomic_dir, write_checkpoint
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")
@@ -37,15 +37,22 @@ NEEDS_REF = ("dpo", "ipo", "kto")
 @dataclass
 class Config:
     config: str = ""                # optional JSON preset, applied before the command line
-    # data: "" = the built-in synthetic task (data.synthetic_task) with its own tokenizer
+    # data: "" = the built-in synthetic task (data.synthetic_task) with its own tokenizer. Else a file,
+    # a glob, a directory of shards, or a comma-separated mixture, each PATH or PATH:N (first N rows)
     data: str = ""
     eval_data: str = ""
+    split: str = ""                 # split of a shard directory in --data (train_sft, train_prefs, ...)
+    eval_split: str = ""            # same for --eval_data (test_sft, test_prefs, ...)
     tokenizer: str = ""             # default: <init_from>/tokenizer.model, or trained for the demo
     n_train: int = 4000             # demo only: synthetic examples
     n_eval: int = 200
     max_length: int = 1024
     max_prompt_length: int = 512
     last_turn_only: bool = False
+    # the IFT authors' data conventions (off: the data as it is; see README, deviations)
+    empty_system: bool = False      # an empty system message first when a conversation has none
+    dedup_prompts: bool = False     # one example per prompt, the last (their loader keys rows by prompt)
+    prompt_from_chosen: bool = False  # pairs: prompt = chosen[:-1], whatever rejected's turns before its answer
     # model: init_from = HF checkpoint dir; "" = random init of the shape below
     init_from: str = ""
     dim: int = 256
@@ -112,11 +119,14 @@ class Config:
     log_every: int = 10
     gen_eval: int = 100             # held-out generation exact match at the end (demo task only)
     progress: bool = True
+    dry_run: bool = False           # print the config and the data plan, then exit before building the model
 
 
 def parse_config(argv) -> Config:
     cfg, args = Config(), {}
     for a in argv:
+        if a.startswith("--") and "=" not in a and isinstance(getattr(cfg, a[2:], None), bool):
+            a += "=true"            # a bare boolean flag: --dry_run
         if not a.startswith("--") or "=" not in a:
             sys.exit(f"error: expected --key=value, got '{a}'")
         k, v = a[2:].split("=", 1)
@@ -198,15 +208,62 @@ def load_data(cfg, rank, world):
             barrier(world)
         tok = data.Tokenizer(tok_path)
     load = data.load_pairs if pairwise else data.load_sft
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length) if pairwise else \
-        dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
-    train, stats = load(train_src, tok, **kw)
-    evals = load(eval_src, tok, **kw)[0] if eval_src is not None else []
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
+        if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
+    train, stats = load(train_src, tok, split=cfg.split, **kw)
+    evals = load(eval_src, tok, split=cfg.eval_split, **kw)[0] if eval_src is not None else []
     if rank == 0:
+        sources = stats.pop("sources", [])
         print(f"data: {len(train)} train / {len(evals)} eval examples; {stats}")
+        for s in sources:   # a mixture: what each source gave
+            print(f"  source {s['source']}: {s['rows']} rows from {s['files']} file(s)")
     if not train:
         sys.exit("error: no training example left after truncation")
     return tok, train, evals, (eval_src if not cfg.data else None)
+
+
+def check_vocab(cfg, tok):
+    """A tokenizer with more pieces than the model's embedding has rows would index past it (on GPU a
+    device-side assert mid-run): refuse before the model is built. Reads only config.json."""
+    if not cfg.init_from:
+        return   # a random init is sized to the tokenizer
+    path = os.path.join(cfg.init_from, "config.json")
+    try:
+        with open(path) as f:
+            vocab = ModelArgs.from_hf_config(json.load(f), path).vocab_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg.init_from}: no config.json (is --init_from a checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if tok.vocab_size > vocab:
+        raise CheckpointError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but {path} has "
+                              f"vocab_size {vocab}: ids >= {vocab} have no embedding (wrong --tokenizer?)")
+
+
+def example_lengths(examples):
+    return [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+            for e in examples]
+
+
+def dry_run(cfg):
+    """--dry_run: the config, the data (per source), its fingerprint and the batch plan of a run with
+    WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tok, train_ex, eval_ex, _ = load_data(cfg, 0, 1)
+    check_vocab(cfg, tok)
+    lengths = example_lengths(train_ex)
+    steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
+    gbs = cfg.micro_batch_size * cfg.grad_accum * world
+    if steps == 0:
+        sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of {gbs}")
+    plan = {"world_size": world, "global_batch": gbs, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
+            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": data_fingerprint(tok, train_ex),
+            "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
+    print(json.dumps(dataclasses.asdict(cfg)))
+    print("dry run: " + json.dumps(plan))
+    return plan
 
 
 def build_model(cfg, tok, device):
@@ -402,12 +459,21 @@ def save_checkpoint(cfg, model, opt, state, tok, rank, world):
 def load_checkpoint(path, model, opt):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    sd = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
+    sd, where = {}, path
+    try:   # a file cut short or overwritten: a user error naming it, not a traceback from deep inside torch
+        for where in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            sd.update({k.removeprefix("model."): v for k, v in load_file(where).items()})
+        where = os.path.join(path, "trainer_state.pt")
+        state = torch.load(where, weights_only=True)
+        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        raise CheckpointError(f"{where}: corrupt checkpoint, cannot resume from it ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {path} aside to resume "
+                              f"from the one before") from None
     if unwrap(model).args.tie_word_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, sd, options=o)
     set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
@@ -453,6 +519,8 @@ def generation_exact_match(model, tok, rows, n, device):
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    if cfg.dry_run:
+        return dry_run(cfg)
     rank, local, world = setup_distributed()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -462,6 +530,7 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank, world)
+    check_vocab(cfg, tok)
     model = build_model(cfg, tok, device)
     data_fp = data_fingerprint(tok, train_ex)
 
@@ -476,8 +545,7 @@ def main(argv=None):
             import copy
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-               for e in train_ex]
+    lengths = example_lengths(train_ex)
     plan_of = lambda epoch: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
     if steps_per_epoch == 0:
@@ -614,5 +682,23 @@ def plot_curve(metrics_path):
         plt.close()
 
 
+# The project's user errors: bad data (file:line, field) or a checkpoint that does not fit. They end
+# the run with one line; anything else is a bug and keeps its traceback.
+USER_ERRORS = (data.DataError, CheckpointError)
+
+
+def cli(argv):
+    """main() for the command line: a user error is one line on stderr and exit code 2 (--debug: the
+    traceback instead)."""
+    debug = "--debug" in argv
+    try:
+        return main([a for a in argv if a != "--debug"])
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli(sys.argv[1:])
