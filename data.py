@@ -572,6 +572,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     try:
         tok, rows = Tokenizer(a.tokenizer), read_source(a.data, a.split)[0]
+        for where, row in rows:   # every row checked: the command doubles as a validator of a data file
+            conversations(row, where)
         if not 0 <= a.index < len(rows):
             raise ValueError(f"--index {a.index} is out of range: {a.data} has {len(rows)} rows")
         where, row = rows[a.index]
