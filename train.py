@@ -28,7 +28,7 @@ import torch.distributed as dist
 import data
 import ift
 import onpolicy
-from model import CheckpointError, ModelArgs, Transformer, atomic_dir, write_checkpoint
+from model import ModelArgs, Transformer, atomic_dir, write_checkpoint
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")
@@ -113,13 +113,13 @@ class Config:
     seed: int = 1337
     out_dir: str = "out"
     resume: bool = False
+    dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # 0 = only at the end
     keep_last: int = 2
     eval_every: int = 0
     log_every: int = 10
     gen_eval: int = 100             # held-out generation exact match at the end (demo task only)
     progress: bool = True
-    dry_run: bool = False           # print the config and the data plan, then exit before building the model
 
 
 def parse_config(argv) -> Config:
@@ -226,6 +226,7 @@ def load_data(cfg, rank, world):
 def check_vocab(cfg, tok):
     """A tokenizer with more pieces than the model's embedding has rows would index past it (on GPU a
     device-side assert mid-run): refuse before the model is built. Reads only config.json."""
+    from model import CheckpointError
     if not cfg.init_from:
         return   # a random init is sized to the tokenizer
     path = os.path.join(cfg.init_from, "config.json")
@@ -267,6 +268,7 @@ def dry_run(cfg):
 
 
 def build_model(cfg, tok, device):
+    check_vocab(cfg, tok)
     if cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
@@ -469,6 +471,7 @@ def load_checkpoint(path, model, opt):
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except Exception as e:
+        from model import CheckpointError
         raise CheckpointError(f"{where}: corrupt checkpoint, cannot resume from it ({type(e).__name__}: "
                               f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {path} aside to resume "
                               f"from the one before") from None
@@ -519,8 +522,6 @@ def generation_exact_match(model, tok, rows, n, device):
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    if cfg.dry_run:
-        return dry_run(cfg)
     rank, local, world = setup_distributed()
     device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
@@ -530,7 +531,6 @@ def main(argv=None):
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank, world)
-    check_vocab(cfg, tok)
     model = build_model(cfg, tok, device)
     data_fp = data_fingerprint(tok, train_ex)
 
@@ -545,7 +545,8 @@ def main(argv=None):
             import copy
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
 
-    lengths = example_lengths(train_ex)
+    lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+               for e in train_ex]
     plan_of = lambda epoch: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
     if steps_per_epoch == 0:
@@ -682,18 +683,16 @@ def plot_curve(metrics_path):
         plt.close()
 
 
-# The project's user errors: bad data (file:line, field) or a checkpoint that does not fit. They end
-# the run with one line; anything else is a bug and keeps its traceback.
-USER_ERRORS = (data.DataError, CheckpointError)
-
-
 def cli(argv):
-    """main() for the command line: a user error is one line on stderr and exit code 2 (--debug: the
-    traceback instead)."""
-    debug = "--debug" in argv
+    """The command line: --dry_run, else main(). The project's user errors, bad data (file:line, field)
+    or a checkpoint that does not fit, end the run with one line on stderr and exit code 2 (--debug: the
+    traceback instead); anything else is a bug and keeps its traceback."""
+    from model import CheckpointError
+    debug, argv = "--debug" in argv, [a for a in argv if a != "--debug"]
     try:
-        return main([a for a in argv if a != "--debug"])
-    except USER_ERRORS as e:
+        cfg = parse_config(argv)
+        return dry_run(cfg) if cfg.dry_run else main(argv)
+    except (data.DataError, CheckpointError) as e:
         if debug:
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
