@@ -426,6 +426,21 @@ def _open_safetensors(fname):
         raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); re-download or re-save it") from None
 
 
+def read_trainer_state(path):
+    """torch.load of a trainer_state.pt; a file cut short or overwritten is a CheckpointError naming it
+    (a user error: resume from the checkpoint before), not a traceback from deep inside torch."""
+    try:
+        state = torch.load(path, weights_only=True)
+        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt trainer state, cannot resume from it ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {os.path.dirname(path)} "
+                              f"aside to resume from the checkpoint before") from None
+    return state
+
+
 def _weight_files(path):
     """{file: keys-it-should-hold or None (= all)} for a single file or an index of shards."""
     index = os.path.join(path, "model.safetensors.index.json")

@@ -461,22 +461,13 @@ def save_checkpoint(cfg, model, opt, state, tok, rank, world):
 def load_checkpoint(path, model, opt):
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    sd, where = {}, path
-    try:   # a file cut short or overwritten: a user error naming it, not a traceback from deep inside torch
-        for where in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-            sd.update({k.removeprefix("model."): v for k, v in load_file(where).items()})
-        where = os.path.join(path, "trainer_state.pt")
-        state = torch.load(where, weights_only=True)
-        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
-        if missing:
-            raise ValueError(f"no {', '.join(missing)}")
-    except Exception as e:
-        from model import CheckpointError
-        raise CheckpointError(f"{where}: corrupt checkpoint, cannot resume from it ({type(e).__name__}: "
-                              f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {path} aside to resume "
-                              f"from the one before") from None
+    sd = {}
+    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+        sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
     if unwrap(model).args.tie_word_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    from model import read_trainer_state
+    state = read_trainer_state(os.path.join(path, "trainer_state.pt"))
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, sd, options=o)
     set_optimizer_state_dict(model, opt, state["optimizer"], options=o)

@@ -213,7 +213,7 @@ def _case(tmp, files, kind):
         torch.save({"step": 1, "optimizer": {}}, ck / "trainer_state.pt")
         blob = open(ck / "trainer_state.pt", "rb").read()
         open(ck / "trainer_state.pt", "wb").write(blob[:len(blob) // 2])
-        return good + [f"--init_from={files['ckpt']}", "--resume=true"], f"{ck}/trainer_state.pt: corrupt checkpoint"
+        return good + [f"--init_from={files['ckpt']}", "--resume=true"], f"{ck}/trainer_state.pt: corrupt trainer state"
     c = _bad_ckpt(d, files, kind)
     return good + [f"--init_from={c}"], {
         "missing": f"{c}: neither model.safetensors nor model.safetensors.index.json",
