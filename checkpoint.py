@@ -13,7 +13,7 @@ import shutil
 import torch
 
 import parallel
-from model import atomic_dir, write_checkpoint
+from model import atomic_dir, read_trainer_state, write_checkpoint
 
 # Values that fix which examples each optimizer step sees; a resume that changes them would silently
 # replay other batches on another schedule.
@@ -59,7 +59,7 @@ def load(path, model, opt):
         sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
     if parallel.unwrap(model).args.tie_word_embeddings:
         sd["lm_head.weight"] = sd["embed_tokens.weight"]
-    state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+    state = read_trainer_state(os.path.join(path, "trainer_state.pt"))
     o = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, sd, options=o)
     set_optimizer_state_dict(model, opt, state["optimizer"], options=o)

@@ -12,6 +12,7 @@ So a literal "</s>" inside a message becomes the EOS id, as the HF tokenizer of 
 Pieces are encoded by sentencepiece itself: HF's *fast* tokenizer differs on runs of spaces.
 """
 import argparse
+import glob
 import io
 import json
 import os
@@ -25,6 +26,12 @@ import torch
 IGNORE = -100
 ROLES = ("system", "user", "assistant")
 EOS_TEXT = "</s>"
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+class DataError(ValueError):
+    """Bad input data or a bad --data value, a user error: the message starts with the file and
+    line ("file:3") or row ("file row 3") and names the field. The command lines print it as one line."""
 
 
 class Tokenizer:
@@ -107,25 +114,25 @@ def render_chat(tok, messages, *, add_generation_prompt=False, last_turn_only=Fa
 # ---------------------------------------------------------------------------- readers
 def _check_messages(msgs, name, where):
     if not isinstance(msgs, list) or not msgs:
-        raise ValueError(f"{where}: '{name}' must be a non-empty list of messages, got {msgs!r:.60}")
+        raise DataError(f"{where}: '{name}' must be a non-empty list of messages, got {msgs!r:.60}")
     for i, m in enumerate(msgs):
         f = f"{where}: {name}[{i}]"
         if not isinstance(m, dict):
-            raise ValueError(f"{f} must be an object with 'role' and 'content', got {m!r:.60}")
+            raise DataError(f"{f} must be an object with 'role' and 'content', got {m!r:.60}")
         if "role" not in m or "content" not in m:
-            raise ValueError(f"{f} has no '{'content' if 'role' in m else 'role'}' field")
+            raise DataError(f"{f} has no '{'content' if 'role' in m else 'role'}' field")
         if m["role"] not in ROLES:
-            raise ValueError(f"{f}.role is {m['role']!r}; expected one of {', '.join(ROLES)}")
+            raise DataError(f"{f}.role is {m['role']!r}; expected one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise ValueError(f"{f}.content must be a string, got {type(m['content']).__name__}")
+            raise DataError(f"{f}.content must be a string, got {type(m['content']).__name__}")
     return [{"role": m["role"], "content": m["content"]} for m in msgs]
 
 
 def _string(row, k, where):
     if k not in row:
-        raise ValueError(f"{where}: missing field '{k}' (fields present: {', '.join(sorted(row))})")
+        raise DataError(f"{where}: missing field '{k}' (fields present: {', '.join(sorted(row))})")
     if not isinstance(row[k], str):
-        raise ValueError(f"{where}: field '{k}' must be a string, got {type(row[k]).__name__}")
+        raise DataError(f"{where}: field '{k}' must be a string, got {type(row[k]).__name__}")
     return row[k]
 
 
@@ -134,7 +141,7 @@ def conversations(row, where="row"):
     "rejected"} as message lists or as strings with "prompt", or plain {"prompt", "response"}.
     SFT/IFT on a preference row uses its chosen side."""
     if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "chosen" in row or "rejected" in row:
         if isinstance(row.get("chosen"), str) or isinstance(row.get("rejected"), str):
             p = _string(row, "prompt", where)
@@ -142,53 +149,168 @@ def conversations(row, where="row"):
                          for k in ("chosen", "rejected"))
         for k in ("chosen", "rejected"):
             if k not in row:
-                raise ValueError(f"{where}: preference row without field '{k}'")
+                raise DataError(f"{where}: preference row without field '{k}'")
         return _check_messages(row["chosen"], "chosen", where), _check_messages(row["rejected"], "rejected", where)
     if "messages" in row:
         return _check_messages(row["messages"], "messages", where), None
     if "prompt" in row or "response" in row:
         return [{"role": "user", "content": _string(row, "prompt", where)},
                 {"role": "assistant", "content": _string(row, "response", where)}], None
-    raise ValueError(f"{where}: unknown row kind (fields: {', '.join(sorted(row))}); expected 'messages', "
+    raise DataError(f"{where}: unknown row kind (fields: {', '.join(sorted(row))}); expected 'messages', "
                      f"'chosen'+'rejected', or 'prompt'+'response'")
 
 
 def load_records(path):
     """[(where, row)]: .jsonl (and .json holding JSON lines, as HF's to_json writes), .json list, .parquet."""
     ext = os.path.splitext(path)[1].lower()
+    if ext not in DATA_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: no such file")
     if ext == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise ImportError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
-        return [(f"{path} row {i}", r) for i, r in enumerate(pq.read_table(path).to_pylist())]
-    if ext not in (".jsonl", ".json"):
-        raise ValueError(f"{path}: unsupported file type {ext!r}; use .jsonl, .json or .parquet")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+        try:
+            table = pq.read_table(path)
+        except Exception as e:   # pyarrow raises ArrowInvalid / OSError for a truncated or foreign file
+            raise DataError(f"{path}: not a readable parquet file ({type(e).__name__}: {_first_line(e)})") from None
+        return [(f"{path} row {i}", r) for i, r in enumerate(table.to_pylist())]
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}); is it really {ext}?") from None
     if ext == ".json" and text.lstrip().startswith("["):
         try:
             return [(f"{path} row {i}", r) for i, r in enumerate(json.loads(text))]
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     out = []
     for n, line in enumerate(text.split("\n"), 1):   # not splitlines(): U+2028 may sit inside a string
         try:
             out += [(f"{path}:{n}", json.loads(line))] if line.strip() else []
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
     return out
 
 
-def _located(src):
+def _first_line(e):
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+# ---------------------------------------------------------------------------- sources
+# A --data value is a comma-separated mixture of sources, each "PATH" or "PATH:N" (its first N rows in
+# file order: the IFT authors take the first 61,136 rows of each dataset). A PATH is a file, a glob, or
+# a directory of shards as Hugging Face lays a dataset out (DIR/data/<split>-00000-of-00003-<hash>.parquet),
+# where `split` picks the shards of one split. Sources are concatenated in order; the batch plan
+# shuffles them together.
+_SHARD = re.compile(r"^(.+?)-\d{5}-of-\d{5}")
+
+
+def split_of(fname):
+    """The split a data file belongs to: "train_sft" for HF's train_sft-00000-of-00003-….parquet,
+    else the name up to its first dot ("test" for test.jsonl)."""
+    base = os.path.basename(fname)
+    m = _SHARD.match(base)
+    return m.group(1) if m else base.split(".")[0]
+
+
+def parse_sources(spec):
+    """[(path, cap or None)] of "A[:N],B[:N],…". Only an all-digit suffix is a cap."""
+    out = []
+    for part in str(spec).split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(.*):(\d+)", part)
+        path, cap = (m.group(1), int(m.group(2))) if m else (part, None)
+        if not path:
+            raise DataError(f"data {spec!r}: empty source in the comma-separated list")
+        if cap == 0:
+            raise DataError(f"{part}: a row cap must be at least 1")
+        out.append((path, cap))
+    return out
+
+
+def source_files(path, split=""):
+    """The data files of one source, in read order (sorted names: HF's shard numbers sort right)."""
+    if glob.has_magic(path):
+        files = sorted(f for f in glob.glob(path) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"{path}: no file matches this pattern")
+        return files
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DataError(f"{path}: no such file or directory")
+    root = os.path.join(path, "data") if os.path.isdir(os.path.join(path, "data")) else path
+    files = sorted(os.path.join(root, f) for f in os.listdir(root)
+                   if f.lower().endswith(DATA_SUFFIXES) and os.path.isfile(os.path.join(root, f)))
+    splits = sorted({split_of(f) for f in files})
+    if not files:
+        raise DataError(f"{root}: no .jsonl, .json or .parquet files in this directory")
+    if split:
+        files = [f for f in files if split_of(f) == split]
+        if not files:
+            raise DataError(f"{root}: no files of split '{split}' (splits here: {', '.join(splits)})")
+    elif len(splits) > 1:
+        raise DataError(f"{root}: holds the splits {', '.join(splits)}; pick one with --split")
+    return files
+
+
+def read_source(spec, split=""):
+    """([(where, row)] of every source in order, [{"source", "files", "rows"}] per source). A capped
+    source reads only the shards it needs. A source, or a file, without a row is an error."""
+    records, sources = [], []
+    for path, cap in parse_sources(spec):
+        rows, files = [], source_files(path, split)
+        for n, f in enumerate(files, 1):
+            got = load_records(f)
+            if not got:
+                raise DataError(f"{f}: empty file (no rows)")
+            rows += got
+            if cap is not None and len(rows) >= cap:
+                break
+        records += rows[:cap]
+        sources.append({"source": path if cap is None else f"{path}:{cap}", "files": n, "rows": len(rows[:cap])})
+    return records, sources
+
+
+def _located(src, split=""):
+    """(records, stats extras): a --data value (see read_source) or a list of rows."""
     if isinstance(src, (str, os.PathLike)):
-        return load_records(os.fspath(src))
-    return [(f"row {i}", r) for i, r in enumerate(src)]
+        records, sources = read_source(os.fspath(src), split)
+        return records, {"sources": sources}
+    return [(f"row {i}", r) for i, r in enumerate(src)], {}
 
 
-def read_rows(path):
-    """All rows of a file, each checked (an error names file:line or 'file row N', and the field)."""
-    rows = load_records(os.fspath(path))
+# ---------------------------------------------------------------------------- the authors' conventions
+def with_system(msgs):
+    """The IFT authors' loader puts an empty system message first when a conversation has none."""
+    return msgs if msgs[0]["role"] == "system" else [{"role": "system", "content": ""}] + msgs
+
+
+def prompt_key(row, msgs):
+    """The key the authors' loader files an example under: the row's "prompt" string, else the first
+    user message."""
+    if isinstance(row.get("prompt"), str):
+        return row["prompt"]
+    return next((m["content"] for m in msgs if m["role"] == "user"), "")
+
+
+def dedup_by_prompt(items):
+    """items [(where, row, *conversations)] with one per prompt: the authors key examples by prompt
+    in a dict, so the *last* row of a prompt wins, at the place of the first."""
+    keep = {}
+    for it in items:
+        keep[prompt_key(it[1], it[2])] = it
+    return list(keep.values())
+
+
+def read_rows(path, split=""):
+    """All rows of a --data value (a file, glob, directory or mixture), each checked (an error names
+    file:line or 'file row N', and the field)."""
+    rows = read_source(os.fspath(path), split)[0]
     for where, r in rows:
         conversations(r, where)
     return [r for _, r in rows]
@@ -198,16 +320,23 @@ def _render(where, tok, msgs, **kw):
     try:
         return render_chat(tok, msgs, **kw)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise DataError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------------------- examples
-def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True):
-    """SFT/IFT examples {"input_ids", "labels"} from a file or a list of rows, and counts. Too long:
-    keep the start; an example left without a supervised token is dropped (and counted)."""
-    out, st = [], {"rows": 0, "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0}
-    for where, (msgs, _) in [(w, conversations(r, w)) for w, r in _located(src)]:   # check all rows first
-        st["rows"] += 1
+def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True, split="", empty_system=False,
+             dedup_prompts=False):
+    """SFT/IFT examples {"input_ids", "labels"} from a --data value (read_source) or a list of rows, and
+    counts. Too long: keep the start; an example left without a supervised token is dropped (and
+    counted). empty_system, dedup_prompts: the authors' conventions (with_system, dedup_by_prompt)."""
+    records, extra = _located(src, split)
+    items = [(w, r, conversations(r, w)[0]) for w, r in records]   # check all rows first
+    out, st = [], {"rows": len(items), "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0, **extra}
+    if dedup_prompts:
+        items = dedup_by_prompt(items)
+        st["duplicates"] = st["rows"] - len(items)
+    for where, _, msgs in items:
+        msgs = with_system(msgs) if empty_system else msgs
         st["literal_eos"] += any(EOS_TEXT in m["content"] for m in msgs)
         ids, labels = _render(where, tok, msgs, last_turn_only=last_turn_only, legacy=legacy)
         if max_length and len(ids) > max_length:
@@ -220,26 +349,37 @@ def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True):
     return out, st
 
 
-def _pair(row, where):
+def _pair(row, where, prompt_from_chosen=False):
+    """(chosen, rejected) messages. prompt_from_chosen (the authors' loader): the prompt is chosen[:-1]
+    and only rejected's last message is used, so rows whose two sides differ before the answer load."""
     c, r = conversations(row, where)
     if r is None:
-        raise ValueError(f"{where}: a pairwise objective needs 'chosen' and 'rejected' fields")
+        raise DataError(f"{where}: a pairwise objective needs 'chosen' and 'rejected' fields")
     for name, m in (("chosen", c), ("rejected", r)):
         if m[-1]["role"] != "assistant":
-            raise ValueError(f"{where}: the last message of '{name}' must be the assistant's answer")
+            raise DataError(f"{where}: the last message of '{name}' must be the assistant's answer")
+    if prompt_from_chosen:
+        r = c[:-1] + r[-1:]
     if c[:-1] != r[:-1]:
-        raise ValueError(f"{where}: 'chosen' and 'rejected' have different prompts (messages before the answer)")
+        raise DataError(f"{where}: 'chosen' and 'rejected' have different prompts (messages before the answer)")
     return c, r
 
 
-def load_pairs(src, tok, max_length=None, max_prompt_length=None, *, legacy=True):
+def load_pairs(src, tok, max_length=None, max_prompt_length=None, *, legacy=True, split="", empty_system=False,
+               dedup_prompts=False, prompt_from_chosen=False):
     """Pairwise examples {"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt is the conversation
     before the final assistant turn plus the generation prompt; an answer is that turn's content ids
     and its EOS (all supervised). Too long (prompt + longer answer > max_length), DPO-repo style: keep
-    the prompt's start up to max_prompt_length (None: leave it), then cut the answers to fit."""
-    out, st = [], {"rows": 0, "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0}
-    for where, (c, r) in [(w, _pair(row, w)) for w, row in _located(src)]:
-        st["rows"] += 1
+    the prompt's start up to max_prompt_length (None: leave it), then cut the answers to fit.
+    empty_system, dedup_prompts, prompt_from_chosen: the authors' conventions (see load_sft, _pair)."""
+    records, extra = _located(src, split)
+    items = [(w, row, *_pair(row, w, prompt_from_chosen)) for w, row in records]
+    out, st = [], {"rows": len(items), "examples": 0, "truncated": 0, "dropped": 0, "literal_eos": 0, **extra}
+    if dedup_prompts:
+        items = dedup_by_prompt(items)
+        st["duplicates"] = st["rows"] - len(items)
+    for where, _, c, r in items:
+        c, r = (with_system(c), with_system(r)) if empty_system else (c, r)
         st["literal_eos"] += any(EOS_TEXT in m["content"] for m in c + r[-1:])
         prompt = _render(where, tok, c[:-1], add_generation_prompt=True, legacy=legacy)[0]
         ans = []
@@ -434,14 +574,18 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (Zephyr "
                                  "template, supervised spans between ⟦ ⟧; preference rows: the chosen side).")
     ap.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
-    ap.add_argument("--data", required=True, help=".jsonl, .json or .parquet")
+    ap.add_argument("--data", required=True, help=".jsonl, .json or .parquet file, glob, directory of shards, "
+                    "or a comma-separated mixture of them, each optionally PATH:N (its first N rows)")
+    ap.add_argument("--split", default="", help="split of a directory of shards (e.g. train_sft)")
     ap.add_argument("--index", type=int, default=0, help="row number, from 0")
     ap.add_argument("--json", action="store_true", help='print {"input_ids": [...], "labels": [...]}')
     ap.add_argument("--last_turn_only", action="store_true", help="supervise only the last assistant turn")
     ap.add_argument("--non_legacy", action="store_true", help="no dummy-prefix space after each EOS")
     a = ap.parse_args(argv)
     try:
-        tok, rows = Tokenizer(a.tokenizer), load_records(a.data)
+        tok, rows = Tokenizer(a.tokenizer), read_source(a.data, a.split)[0]
+        for where, row in rows:   # every row checked: the command doubles as a validator of a data file
+            conversations(row, where)
         if not 0 <= a.index < len(rows):
             raise ValueError(f"--index {a.index} is out of range: {a.data} has {len(rows)} rows")
         where, row = rows[a.index]

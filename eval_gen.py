@@ -62,7 +62,7 @@ import time
 import torch
 
 import data
-from model import Transformer
+from model import CheckpointError, Transformer
 
 LETTERS = "ABCDE"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
@@ -117,13 +117,12 @@ def parse_gsm8k(row, where):
             "gold": normalize_number(row["answer"])}
 
 
-def load_task(task, path, limit=None):
-    """Parsed questions; idx = position, which fixes few-shot draws and the merge order."""
-    if not os.path.isfile(path):
-        raise TaskDataError(f"{path}: no such file")
+def load_task(task, path, limit=None, split=""):
+    """Parsed questions; idx = position, which fixes few-shot draws and the merge order. path: a file,
+    glob, directory of shards (+ split) or mixture, as train.py's --data (data.read_source)."""
     try:
-        rows = data.load_records(path)         # jsonl/json/parquet with file:line errors (data.py)
-    except (ValueError, ImportError) as e:   # bad JSON, unknown suffix, parquet without pyarrow
+        rows = data.read_source(path, split)[0]   # jsonl/json/parquet with file:line errors (data.py)
+    except (ValueError, ImportError) as e:   # missing file, bad JSON, unknown suffix, parquet without pyarrow
         raise TaskDataError(str(e)) from None
     parse = parse_gsm8k if task == "gsm8k" else parse_arc
     qs = [parse(r, where) for where, r in rows][:limit or None]
@@ -419,6 +418,9 @@ def parse_args(argv):
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--data", required=True, help="questions: .jsonl, .json or .parquet")
     ap.add_argument("--fewshot_data", help="few-shot pool (a train split) for arc_ll and gsm8k")
+    ap.add_argument("--split", default="", help="split of a --data directory of shards (e.g. test)")
+    ap.add_argument("--fewshot_split", default="", help="split of a --fewshot_data directory (e.g. train)")
+    ap.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     ap.add_argument("--num_fewshot", type=int, help="default: arc_gen 0, arc_ll 25, gsm8k 5")
     ap.add_argument("--limit", type=int, help="the first N questions only")
     ap.add_argument("--batch_size", type=int, default=16)
@@ -451,8 +453,8 @@ def main(argv=None):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         rank = dist.get_rank()
     try:
-        questions = load_task(args.task, args.data, args.limit)
-        pool = load_task(args.task, args.fewshot_data) if args.num_fewshot else None
+        questions = load_task(args.task, args.data, args.limit, args.split)
+        pool = load_task(args.task, args.fewshot_data, split=args.fewshot_split) if args.num_fewshot else None
         tok, model = load_model(args.model, getattr(torch, args.dtype), device, args.tokenizer)
         mine = shard(questions, rank, world)
         from tqdm import tqdm
@@ -484,5 +486,17 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def cli(argv):
+    """main() for the command line: a checkpoint or data error is one line on stderr, exit code 2 (a
+    malformed task file already exits from main with its file:line); --debug keeps the traceback."""
+    try:
+        return main(argv)
+    except (data.DataError, CheckpointError) as e:
+        if "--debug" in argv:
+            raise
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli(sys.argv[1:])

@@ -439,9 +439,8 @@ class Transformer(nn.Module):
         expected = {n: p.shape for n, p in model.named_parameters()}  # tied: no lm_head.weight
         files = _weight_files(path)
         state = {}
-        from safetensors import safe_open
         for fname, keys in files.items():
-            with safe_open(fname, framework="pt", device="cpu") as f:
+            with _open_safetensors(fname) as f:
                 present = set(f.keys())
                 for key in keys if keys is not None else sorted(present):
                     if key not in present:
@@ -512,6 +511,31 @@ def sample(logits, temperature: float, top_k=None, top_p=None, generator=None, r
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def _open_safetensors(fname):
+    """safe_open, with a truncated or foreign file reported as a CheckpointError naming it (safetensors
+    checks the header against the file size, so a cut-off download fails here, not mid-load)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        return safe_open(fname, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{fname}: not a readable safetensors file ({e}); re-download or re-save it") from None
+
+
+def read_trainer_state(path):
+    """torch.load of a trainer_state.pt; a file cut short or overwritten is a CheckpointError naming it
+    (a user error: resume from the checkpoint before), not a traceback from deep inside torch."""
+    try:
+        state = torch.load(path, weights_only=True)
+        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt trainer state, cannot resume from it ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {os.path.dirname(path)} "
+                              f"aside to resume from the checkpoint before") from None
+    return state
+
+
 def _weight_files(path):
     """{file: keys-it-should-hold or None (= all)} for a single file or an index of shards."""
     index = os.path.join(path, "model.safetensors.index.json")
@@ -520,7 +544,7 @@ def _weight_files(path):
         try:
             with open(index) as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(f"{index}: not a valid safetensors index ({e!r})") from None
         files = {}
         for key, shard in weight_map.items():

@@ -39,15 +39,22 @@ NEEDS_REF = ("dpo", "ipo", "kto")
 @dataclass
 class Config:
     config: str = ""                # optional JSON preset, applied before the command line
-    # data: "" = the built-in synthetic task (data.synthetic_task) with its own tokenizer
+    # data: "" = the built-in synthetic task (data.synthetic_task) with its own tokenizer. Else a file,
+    # a glob, a directory of shards, or a comma-separated mixture, each PATH or PATH:N (first N rows)
     data: str = ""
     eval_data: str = ""
+    split: str = ""                 # split of a shard directory in --data (train_sft, train_prefs, ...)
+    eval_split: str = ""            # same for --eval_data (test_sft, test_prefs, ...)
     tokenizer: str = ""             # default: <init_from>/tokenizer.model, or trained for the demo
     n_train: int = 4000             # demo only: synthetic examples
     n_eval: int = 200
     max_length: int = 1024
     max_prompt_length: int = 512
     last_turn_only: bool = False
+    # the IFT authors' data conventions (off: the data as it is; see README, deviations)
+    empty_system: bool = False      # an empty system message first when a conversation has none
+    dedup_prompts: bool = False     # one example per prompt, the last (their loader keys rows by prompt)
+    prompt_from_chosen: bool = False  # pairs: prompt = chosen[:-1], whatever rejected's turns before its answer
     # model: init_from = HF checkpoint dir; "" = random init of the shape below
     init_from: str = ""
     dim: int = 256
@@ -109,6 +116,7 @@ class Config:
     seed: int = 1337
     out_dir: str = "out"
     resume: bool = False
+    dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # 0 = only at the end
     keep_last: int = 2
     eval_every: int = 0
@@ -121,6 +129,8 @@ class Config:
 def parse_config(argv) -> Config:
     cfg, args = Config(), {}
     for a in argv:
+        if a.startswith("--") and "=" not in a and isinstance(getattr(cfg, a[2:], None), bool):
+            a += "=true"            # a bare boolean flag: --dry_run
         if not a.startswith("--") or "=" not in a:
             sys.exit(f"error: expected --key=value, got '{a}'")
         k, v = a[2:].split("=", 1)
@@ -185,18 +195,67 @@ def load_data(cfg, rank):
             parallel.barrier()
         tok = data.Tokenizer(tok_path)
     load = data.load_pairs if pairwise else data.load_sft
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length) if pairwise else \
-        dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
-    train, stats = load(train_src, tok, **kw)
-    evals = load(eval_src, tok, **kw)[0] if eval_src is not None else []
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
+        if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
+    train, stats = load(train_src, tok, split=cfg.split, **kw)
+    evals = load(eval_src, tok, split=cfg.eval_split, **kw)[0] if eval_src is not None else []
     if rank == 0:
+        sources = stats.pop("sources", [])
         print(f"data: {len(train)} train / {len(evals)} eval examples; {stats}")
+        for s in sources:   # a mixture: what each source gave
+            print(f"  source {s['source']}: {s['rows']} rows from {s['files']} file(s)")
     if not train:
         sys.exit("error: no training example left after truncation")
     return tok, train, evals, (eval_src if not cfg.data else None)
 
 
+def check_vocab(cfg, tok):
+    """A tokenizer with more pieces than the model's embedding has rows would index past it (on GPU a
+    device-side assert mid-run): refuse before the model is built. Reads only config.json."""
+    from model import CheckpointError
+    if not cfg.init_from:
+        return   # a random init is sized to the tokenizer
+    path = os.path.join(cfg.init_from, "config.json")
+    try:
+        with open(path) as f:
+            vocab = ModelArgs.from_hf_config(json.load(f), path).vocab_size
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg.init_from}: no config.json (is --init_from a checkpoint directory?)") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON ({e})") from None
+    if tok.vocab_size > vocab:
+        raise CheckpointError(f"{tok.path}: the tokenizer has {tok.vocab_size} pieces but {path} has "
+                              f"vocab_size {vocab}: ids >= {vocab} have no embedding (wrong --tokenizer?)")
+
+
+def example_lengths(examples):
+    return [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
+            for e in examples]
+
+
+def dry_run(cfg):
+    """--dry_run: the config, the data (per source), its fingerprint and the batch plan of a run with
+    WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    tok, train_ex, eval_ex, _ = load_data(cfg, 0)
+    check_vocab(cfg, tok)
+    lengths = example_lengths(train_ex)
+    steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
+    gbs = cfg.micro_batch_size * cfg.grad_accum * world
+    if steps == 0:
+        sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of {gbs}")
+    plan = {"world_size": world, "global_batch": gbs, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
+            "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
+            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": data_fingerprint(tok, train_ex),
+            "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
+    print(json.dumps(dataclasses.asdict(cfg)))
+    print("dry run: " + json.dumps(plan))
+    return plan
+
+
 def build_model(cfg, tok, device):
+    check_vocab(cfg, tok)
     if cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
@@ -378,8 +437,7 @@ def train(cfg, rank, local, world, distributed):
     model = build_model(cfg, tok, device)
     data_fp = refcache.data_fingerprint(tok, train_ex)
 
-    lengths = [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
-               for e in train_ex]
+    lengths = example_lengths(train_ex)
     plan_of = lambda epoch, r=rank: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, r, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
     if steps_per_epoch == 0:
@@ -537,5 +595,21 @@ def plot_curve(metrics_path):
         plt.close()
 
 
+def cli(argv):
+    """The command line: --dry_run, else main(). The project's user errors, bad data (file:line, field)
+    or a checkpoint that does not fit, end the run with one line on stderr and exit code 2 (--debug: the
+    traceback instead); anything else is a bug and keeps its traceback."""
+    from model import CheckpointError
+    debug, argv = "--debug" in argv, [a for a in argv if a != "--debug"]
+    try:
+        cfg = parse_config(argv)
+        return dry_run(cfg) if cfg.dry_run else main(argv)
+    except (data.DataError, CheckpointError) as e:
+        if debug:
+            raise
+        print("error: " + str(e).replace("\n", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli(sys.argv[1:])
