@@ -153,9 +153,8 @@ class HFTokenizer:
         for k, v in self.special_tokens.items():
             if self.tk.token_to_id(v) is None:
                 raise ValueError(f"{self.dir}: {k} {v!r} is not a token of {self.path}")
-        # BOS on plain text exactly when the tokenizer's own post-processor adds it (Llama-3 yes, SmolLM2 no)
-        with_special = full.encode("a", add_special_tokens=True).ids
-        self.add_bos = self.bos_id is not None and with_special[:1] == [self.bos_id] != self.tk.encode("a").ids[:1]
+        # BOS on plain text exactly when the tokenizer's own post-processor puts it first (Llama-3 yes, SmolLM2 no)
+        self.add_bos = self.bos_id is not None and full.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
         self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
         self.special_ids |= {i for i in (self.bos_id, self.eos_token_id) if i is not None}
         self.chat_template, self.template_name = _chat_template(self.dir)
@@ -252,12 +251,9 @@ def _compile(template):
     """A template compiled the way transformers compiles chat templates: sandboxed, trim_blocks and
     lstrip_blocks, loop controls, raise_exception / strftime_now globals, a tojson that neither escapes
     HTML nor forces ASCII, and the {% generation %} tag (it only marks spans; we render its body)."""
-    try:
-        import jinja2
-        import jinja2.ext
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise ImportError("chat templates need jinja2: pip install jinja2") from None
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
@@ -290,7 +286,10 @@ def apply_template(template, messages, special_tokens, add_generation_prompt=Fal
     add_generation_prompt and the named special tokens (bos_token, eos_token, ...) as variables.
     continue_final_message: the text stops right after the last message's content (an assistant
     pre-fill), found with transformers' marker. A template error names the template."""
-    import jinja2
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError("chat templates need jinja2 (torch installs it): pip install jinja2") from None
     msgs = [dict(m) for m in messages]
     if continue_final_message:
         msgs[-1]["content"] += _CONTINUE_TAG

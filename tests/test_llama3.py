@@ -1,6 +1,8 @@
 """Llama-3 and other Hugging Face chat checkpoints: tokenizer.json + the checkpoint's own chat template
 (ids equal transformers' apply_chat_template, exact supervised spans), llama3 RoPE scaling parity, and
 train.py / eval_gen.py end to end on a tiny tokenizer.json checkpoint. Tokenizers are trained here."""
+import builtins
+import importlib.util
 import json
 import os
 
@@ -71,7 +73,9 @@ def test_rope_types_read_and_refused():
 # ------------------------------------------------------------------------------ tokenizer.json + template
 import data  # noqa: E402
 
-tokenizers = pytest.importorskip("tokenizers")
+# Everything below needs the optional `tokenizers`; the RoPE tests above do not.
+needs_tokenizers = pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
+                                      reason="tokenizers is not installed (pip install tokenizers)")
 
 # Modelled on the real ones: SmolLM2-Instruct's ChatML (with its default system prompt) and
 # Llama-3-Instruct's (BOS in the template, | trim on every content).
@@ -118,8 +122,8 @@ def corpus():
 def write_tokenizer(d, kind, vocab_size=400):
     """A tiny byte-level BPE tokenizer.json: GPT-2-style for ChatML (ByteLevel post-processor that trims
     offsets), Llama-3-style (its split regex, TemplateProcessing adding BOS) for Llama-3."""
-    from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
-    tk = tokenizers.Tokenizer(models.BPE())
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tk = Tokenizer(models.BPE())
     if kind == "chatml":
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
@@ -168,6 +172,7 @@ def runs(labels):
     return out
 
 
+@needs_tokenizers
 def test_ids_equal_transformers_and_supervised_spans_are_the_answers(kind_dir):
     kind, d = kind_dir
     tok = data.load_tokenizer(d)
@@ -197,6 +202,7 @@ def test_ids_equal_transformers_and_supervised_spans_are_the_answers(kind_dir):
     assert tok.text_of(got).endswith("assistant" + ("\n" if kind == "chatml" else "<|end_header_id|>\n\n") + "The best answer is")
 
 
+@needs_tokenizers
 def test_labels_equal_transformers_assistant_masks(tmp_path):
     """transformers marks {% generation %} spans itself: our labels on the unmarked template must agree."""
     write_tokenizer(str(tmp_path), "llama3")
@@ -212,6 +218,7 @@ def test_labels_equal_transformers_assistant_masks(tmp_path):
     assert [data.render_chat(tok, msgs) for msgs in CONVERSATIONS] == ours
 
 
+@needs_tokenizers
 def test_header_token_merged_into_the_content_is_supervised(tmp_path):
     """GPT-2's regex makes "\\n " one pre-token: with a content starting "  yes" the token "\\n " holds the
     header's newline and the content's first space. It is supervised (it starts the answer), as in
@@ -226,6 +233,7 @@ def test_header_token_merged_into_the_content_is_supervised(tmp_path):
     assert ids[a] == nl_space[0] and tok.text_of(ids[a:b]) == "\n  yes<|im_end|>"
 
 
+@needs_tokenizers
 def test_load_tokenizer_choice(tmp_path):
     sp_dir = tmp_path / "sp"
     sp = data.train_tokenizer(data.corpus_text(data.synthetic_task(50, 0)), str(sp_dir / "tokenizer"), 300)
@@ -274,6 +282,7 @@ def test_load_tokenizer_choice(tmp_path):
      r"messages\[2\]: cannot locate the assistant content"),
     ("{% for m in messages %}{{ m['content'] + '<|im_end|>' }}{% endfor", "TemplateSyntaxError"),
 ])
+@needs_tokenizers
 def test_template_errors_name_the_template(tmp_path, template, match):
     write_tokenizer(str(tmp_path), "chatml")
     cfg = tmp_path / "tokenizer_config.json"
@@ -284,6 +293,7 @@ def test_template_errors_name_the_template(tmp_path, template, match):
     assert str(cfg) in str(e.value)
 
 
+@needs_tokenizers
 def test_template_environment_matches_transformers(tmp_path):
     """strftime_now, tojson (non-ASCII kept, no HTML escaping), loop controls, namespace."""
     write_tokenizer(str(tmp_path), "chatml")
@@ -298,6 +308,7 @@ def test_template_environment_matches_transformers(tmp_path):
     assert '{"k": "é<&>"}' in tok.render_text(msgs)
 
 
+@needs_tokenizers
 def test_inspection_command_any_tokenizer(tmp_path, capsys):
     write_tokenizer(str(tmp_path / "l3"), "llama3")
     rows = tmp_path / "d.jsonl"
@@ -335,6 +346,7 @@ def llama3_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("loss", ["sft", "ift", "dpo"])
+@needs_tokenizers
 def test_train_on_tokenizer_json_checkpoint_and_output_loads_in_transformers(llama3_ckpt, tmp_path, loss):
     import train
     d = llama3_ckpt
@@ -362,6 +374,7 @@ def test_train_on_tokenizer_json_checkpoint_and_output_loads_in_transformers(lla
     assert (ours.norm.weight - init.norm.weight).abs().max() > 1e-5          # it did train
 
 
+@needs_tokenizers
 def test_eval_gen_on_tokenizer_json_checkpoint(llama3_ckpt, tmp_path):
     import eval_gen as E
     d, ck = llama3_ckpt, str(llama3_ckpt / "full")
@@ -393,3 +406,16 @@ def test_eval_gen_on_tokenizer_json_checkpoint(llama3_ckpt, tmp_path):
     assert recs[0]["prompt"].startswith("Question: ")   # gsm8k: plain text, no template
     recs = [json.loads(line) for line in open(out / "arc_gen.jsonl")]
     assert recs[0]["prompt"] == E.arc_prompt_text(q, tok) and recs[1]["gold"] == "B"
+
+
+def test_tokenizer_json_without_tokenizers_says_how_to_install(tmp_path, monkeypatch):
+    real_import = builtins.__import__
+
+    def no_tokenizers(name, *a, **k):
+        if name == "tokenizers" or name.startswith("tokenizers."):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+    monkeypatch.setattr(builtins, "__import__", no_tokenizers)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    with pytest.raises(ImportError, match="pip install tokenizers"):
+        data.load_tokenizer(str(tmp_path))
