@@ -129,7 +129,8 @@ class HFTokenizer:
         try:
             import tokenizers
         except ImportError:
-            raise ImportError(f"{path}: a tokenizer.json needs the `tokenizers` library: pip install tokenizers") from None
+            raise ImportError(f"{path}: a tokenizer.json needs the `tokenizers` library: "
+                              "pip install tokenizers") from None
         self.path = os.fspath(path)
         self.dir = os.path.dirname(os.path.abspath(self.path))
         spec = _read_json(self.path)

@@ -162,7 +162,7 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True):
     """[user message] through the Zephyr template, assistant turn pre-filled. render_chat ends with
     the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill.
     A tokenizer with its own chat template: the pre-fill continued as transformers does it."""
-    if tok.chat_template is not None:
+    if getattr(tok, "chat_template", None) is not None:
         ids, _ = data.render_chat(tok, arc_messages(q), continue_final_message=True)
         return ids[1:] if not bos and ids[:1] == [tok.bos_id] else ids
     ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q)}],
@@ -176,7 +176,7 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True):
 
 
 def arc_prompt_text(q, tok=None):
-    if tok is not None and tok.chat_template is not None:
+    if getattr(tok, "chat_template", None) is not None:
         return tok.render_text(arc_messages(q), continue_final_message=True)
     return data.chat_text([{"role": "user", "content": arc_user_message(q)}], add_generation_prompt=True) + ARC_PREFILL
 
@@ -205,7 +205,7 @@ def encode_pair(tok, context, continuation, bos=True):
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    pre = [tok.bos_id] if bos and tok.add_bos else []   # BOS as the tokenizer adds it to plain text
+    pre = [tok.bos_id] if bos and getattr(tok, "add_bos", True) else []   # BOS as the tokenizer adds it
     whole = pre + tok.encode(context + continuation)
     n_ctx = len(pre) + len(tok.encode(context))
     return whole[:n_ctx], whole[n_ctx:]
@@ -355,8 +355,8 @@ def run_arc_ll(model, tok, questions, *, pool=None, num_fewshot=25, seed=1234, b
 def run_gsm8k(model, tok, questions, *, pool=None, num_fewshot=5, seed=1234, batch_size=1, max_new_tokens=256,
               bos=True, early_stop=True, progress=None, **_):
     contexts = [gsm8k_context(q, fewshot(pool, num_fewshot, seed, q, "question")) for q in questions]
-    prompts = [([tok.bos_id] * (bos and tok.add_bos) + tok.encode(c))[-max_context(model, max_new_tokens):]
-               for c in contexts]
+    pre = [tok.bos_id] if bos and getattr(tok, "add_bos", True) else []   # BOS as the tokenizer adds it
+    prompts = [(pre + tok.encode(c))[-max_context(model, max_new_tokens):] for c in contexts]
     stop_ids = stop_token_ids(tok, GSM8K_STOPS) if early_stop else [tok.eos_id]
     records = []
     for q, ctx, g in zip(questions, contexts, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
