@@ -40,7 +40,7 @@ def save(cfg, model, opt, state, tok, rank):
     path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}")
     if rank == 0:
         def write(tmp):
-            write_checkpoint(tmp, parallel.unwrap(model).args, msd, extra_files={"tokenizer.model": tok.path})
+            write_checkpoint(tmp, parallel.unwrap(model).args, msd, extra_files=tok.files())   # the tokenizer trained with
             torch.save({"optimizer": osd, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
                        os.path.join(tmp, "trainer_state.pt"))
         atomic_dir(path, write)

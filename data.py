@@ -1,17 +1,25 @@
 """
-Data for nanoIFT: sentencepiece tokenizer, the Zephyr chat template rendered straight to ids and
-labels (SPEC §5), readers for the formats users bring (SPEC §6), SFT/IFT and pairwise examples with
-truncation, padding, a deterministic length-grouped sharded batch plan, and a synthetic task (plus
-tokenizer training) for the demo and the tests. Show what the model will be trained on:
-    python data.py --tokenizer PATH/tokenizer.model --data FILE [--index N] [--json]
+Data for nanoIFT: tokenizers (sentencepiece, or a Hugging Face tokenizer.json with the checkpoint's
+own Jinja chat template), chat rendered straight to ids and labels (SPEC §5), readers for the formats
+users bring (SPEC §6), SFT/IFT and pairwise examples with truncation, padding, a deterministic
+length-grouped sharded batch plan, and a synthetic task (plus tokenizer training) for the demo and the
+tests. Show what the model will be trained on:
+    python data.py --tokenizer CHECKPOINT_DIR_OR_TOKENIZER_FILE --data FILE [--index N] [--json]
 
 Token rule (HF's "legacy" Llama/Mistral tokenizer): split the rendered text at every "</s>", encode
 each piece with sentencepiece (each gets the dummy-prefix "▁"), join with the EOS id, prepend BOS.
 So a literal "</s>" inside a message becomes the EOS id, as the HF tokenizer of those models makes it
 (inside an assistant turn it is supervised like the rest of the answer; load_* count such rows).
 Pieces are encoded by sentencepiece itself: HF's *fast* tokenizer differs on runs of spaces.
+
+tokenizer.json (Llama-3, SmolLM2, ...; HFTokenizer): the conversation is rendered to text by the
+checkpoint's own template exactly as transformers' apply_chat_template does, and that text is encoded
+once (special-token texts become their ids). The supervised tokens are found from character spans
+(where each assistant content sits in the rendered text) and the tokenizer's offsets; see render_chat.
 """
 import argparse
+import datetime
+import functools
 import glob
 import io
 import json
@@ -34,8 +42,15 @@ class DataError(ValueError):
     line ("file:3") or row ("file row 3") and names the field. The command lines print it as one line."""
 
 
+# The tokenizer interface (two implementations, duck-typed): path, vocab_size, bos_id, eos_id (the
+# token that closes an assistant turn: what training supervises and generation stops on), pad_id,
+# add_bos (prepend BOS to plain text, as the tokenizer itself does), chat_template (None: the Zephyr
+# rules of render_chat), encode(text), decode(ids), text_of(ids), files() ({name: path} to copy into a
+# checkpoint). load_tokenizer picks the implementation.
 class Tokenizer:
     """A sentencepiece model (Mistral v0.1: vocab 32000, unk 0, bos 1, eos 2, no pad)."""
+    chat_template = None   # Zephyr, rendered by render_chat's sentencepiece rules
+    add_bos = True
 
     def __init__(self, path):
         import sentencepiece as spm
@@ -72,6 +87,276 @@ class Tokenizer:
             buf += bytes([int(p[3:5], 16)]) if self.sp.is_byte(i) else p.replace("▁", " ").encode()
         return buf.decode("utf-8", errors="replace")
 
+    def files(self):
+        return {"tokenizer.model": self.path}
+
+
+def _read_json(path):
+    """The parsed file, or None if it does not exist; bad JSON is an error naming the file."""
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+
+
+def _token_text(v):   # tokenizer_config.json spells a special token as "<s>" or {"content": "<s>", ...}
+    return v.get("content") if isinstance(v, dict) else v
+
+
+def _chat_template(d):
+    """(template source, name for messages) of a tokenizer directory, or (None, None). Looked up where
+    transformers looks: chat_template.jinja, chat_template.json, tokenizer_config.json's chat_template."""
+    path = os.path.join(d, "chat_template.jinja")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            return f.read(), path
+    for name in ("chat_template.json", "tokenizer_config.json"):
+        path = os.path.join(d, name)
+        t = (_read_json(path) or {}).get("chat_template")
+        if isinstance(t, list):   # named templates: [{"name": "default", "template": ...}, ...]
+            t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+            if t is None:
+                raise ValueError(f"{path}: chat_template is a list without a 'default' template")
+        if t is not None:
+            if not isinstance(t, str):
+                raise ValueError(f"{path}: chat_template must be a string, got {type(t).__name__}")
+            return t, f"{path} (chat_template)"
+    return None, None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer.json (byte-level BPE as Llama-3's and SmolLM2's, or any other
+    `tokenizers` model) with the special tokens and the chat template of the tokenizer_config.json
+    (special_tokens_map.json, chat_template.jinja) beside it. No template: the Zephyr one."""
+
+    def __init__(self, path):
+        try:
+            import tokenizers
+        except ImportError:
+            raise ImportError(f"{path}: a tokenizer.json needs the `tokenizers` library: "
+                              "pip install tokenizers") from None
+        self.path = os.fspath(path)
+        self.dir = os.path.dirname(os.path.abspath(self.path))
+        spec = _read_json(self.path)
+        if not isinstance(spec, dict) or "model" not in spec:
+            raise ValueError(f"{self.path}: not a tokenizer.json (no 'model')")
+        full = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        # Encode without the post-processor: it only adds special tokens (we never ask it to) and, in
+        # GPT-2's ByteLevel(trim_offsets=True), shrinks offsets to drop spaces, which would move the
+        # supervised spans. Ids are identical either way.
+        spec["post_processor"] = None
+        self.tk = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        cfg = {**(_read_json(os.path.join(self.dir, "special_tokens_map.json")) or {}),
+               **(_read_json(os.path.join(self.dir, "tokenizer_config.json")) or {})}
+        # the named special tokens transformers hands the template (its special_tokens_map)
+        self.special_tokens = {k: _token_text(cfg[k]) for k in
+                               ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
+                                "mask_token") if isinstance(_token_text(cfg.get(k)), str)}
+        self.vocab_size = self.tk.get_vocab_size(with_added_tokens=True)
+        tid = lambda k: self.tk.token_to_id(self.special_tokens[k]) if k in self.special_tokens else None
+        self.bos_id, self.unk_id, self.eos_token_id = tid("bos_token"), tid("unk_token"), tid("eos_token")
+        for k, v in self.special_tokens.items():
+            if self.tk.token_to_id(v) is None:
+                raise ValueError(f"{self.dir}: {k} {v!r} is not a token of {self.path}")
+        # BOS on plain text exactly when the tokenizer's own post-processor puts it first (Llama-3 yes, SmolLM2 no)
+        self.add_bos = self.bos_id is not None and full.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.special_ids = {i for i, t in self.tk.get_added_tokens_decoder().items() if t.special}
+        self.special_ids |= {i for i in (self.bos_id, self.eos_token_id) if i is not None}
+        self.chat_template, self.template_name = _chat_template(self.dir)
+        if self.chat_template is None:
+            self.chat_template, self.template_name = ZEPHYR_TEMPLATE, "the Zephyr template (fallback)"
+        # The token that closes an assistant turn in this template (<|eot_id|>, <|im_end|>, </s>):
+        # supervised after every answer, and what generation stops on.
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes"}]
+        text = self.render_text(probe)
+        ids, offsets = self.encode_offsets(text)
+        self.eos_id = ids[_turn_span(self, probe, 1, text, ids, offsets)[1] - 1]
+        self.pad_id = next(i for i in (tid("pad_token"), self.unk_id, 0, 1)
+                           if i is not None and i not in (self.eos_id, self.eos_token_id))
+
+    def encode(self, text, dummy_prefix=True):
+        """Ids, no BOS/EOS added; special-token texts become their ids (as in transformers)."""
+        if not dummy_prefix:
+            raise ValueError(f"{self.path}: non-legacy encoding is a sentencepiece option; tokenizer.json has its own rules")
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_offsets(self, text):
+        e = self.tk.encode(text, add_special_tokens=False)
+        return e.ids, e.offsets   # character offsets into text
+
+    def decode(self, ids):   # special tokens skipped, as the harness decodes generations
+        return self.tk.decode([int(i) for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def text_of(self, ids):
+        """The text of ids with special tokens spelled out."""
+        return self.tk.decode([int(i) for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=False)
+
+    def render_text(self, messages, add_generation_prompt=False, continue_final_message=False):
+        return apply_template(self.chat_template, messages, self.special_tokens, add_generation_prompt,
+                              continue_final_message, name=self.template_name)
+
+    def files(self):
+        """tokenizer.json and the files beside it that transformers reads with it."""
+        out = {"tokenizer.json": self.path}
+        for name in ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json"):
+            if os.path.isfile(os.path.join(self.dir, name)):
+                out[name] = os.path.join(self.dir, name)
+        return out
+
+
+def load_tokenizer(path):
+    """Tokenizer or HFTokenizer from a tokenizer file (.model: sentencepiece; .json: tokenizer.json) or a
+    checkpoint directory. A directory with tokenizer.model whose chat template is absent or Zephyr's
+    (Mistral-7B-v0.1, mistral-7b-sft-beta, zephyr) keeps the sentencepiece rules the IFT paper's models
+    were trained with; otherwise tokenizer.json with the checkpoint's own template (Llama-3, SmolLM2,
+    Mistral-Instruct); tokenizer.json without a template gets the Zephyr one."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        j, m = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+        if os.path.isfile(m) and (not os.path.isfile(j) or _is_zephyr(path)):
+            return Tokenizer(m)
+        if os.path.isfile(j):
+            return HFTokenizer(j)
+        raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model (pass --tokenizer=PATH)")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    return HFTokenizer(path) if path.endswith(".json") else Tokenizer(path)
+
+
+def _is_zephyr(d):
+    """Whether d's chat template is absent or renders exactly the Zephyr text (bos_token aside)."""
+    template, name = _chat_template(d)
+    if template is None:
+        return True
+    cfg = _read_json(os.path.join(d, "tokenizer_config.json")) or {}
+    special = {k: _token_text(cfg.get(k)) for k in ("bos_token", "eos_token") if isinstance(_token_text(cfg.get(k)), str)}
+    if special.get("eos_token") != EOS_TEXT:
+        return False
+    probe = [{"role": r, "content": c} for r, c in (("system", "S"), ("user", "U"), ("assistant", "A"), ("user", "V"))]
+    try:
+        for gen in (False, True):
+            text = apply_template(template, probe, special, gen, name=name)
+            if text.removeprefix(special.get("bos_token", "")) != chat_text(probe, add_generation_prompt=gen):
+                return False
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- chat templates (Jinja)
+# Ours for a tokenizer.json that ships no template: the Zephyr text, BOS first (SPEC §5).
+ZEPHYR_TEMPLATE = ("{% if bos_token is defined %}{{ bos_token }}{% endif %}{% for m in messages %}"
+                   "{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "   # transformers' marker for continue_final_message
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(template):
+    """A template compiled the way transformers compiles chat templates: sandboxed, trim_blocks and
+    lstrip_blocks, loop controls, raise_exception / strftime_now globals, a tojson that neither escapes
+    HTML nor forces ASCII, and the {% generation %} tag (it only marks spans; we render its body)."""
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(jinja2.ext.Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    return env.from_string(template)
+
+
+def apply_template(template, messages, special_tokens, add_generation_prompt=False, continue_final_message=False,
+                   name="chat template"):
+    """The text transformers' apply_chat_template(..., tokenize=False) renders: messages,
+    add_generation_prompt and the named special tokens (bos_token, eos_token, ...) as variables.
+    continue_final_message: the text stops right after the last message's content (an assistant
+    pre-fill), found with transformers' marker. A template error names the template."""
+    try:
+        import jinja2
+    except ImportError:
+        raise ImportError("chat templates need jinja2 (torch installs it): pip install jinja2") from None
+    msgs = [dict(m) for m in messages]
+    if continue_final_message:
+        msgs[-1]["content"] += _CONTINUE_TAG
+    try:
+        text = _compile(template).render(messages=msgs, tools=None, documents=None,
+                                         add_generation_prompt=add_generation_prompt, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"{name}: {type(e).__name__}: {e}") from None
+    if continue_final_message:
+        if messages[-1]["content"].strip() not in text or _CONTINUE_TAG.strip() not in text:
+            raise ValueError(f"{name}: the final message does not appear in the rendered text; cannot continue it")
+        at = text.rindex(_CONTINUE_TAG.strip())
+        text = text[:at] if text[at:at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+    return text
+
+
+_SENTINEL = "\x00nanoift-assistant-content\x00"
+
+
+def _turn_span(tok, messages, i, text, ids, offsets):
+    """(first, end) token indices of assistant message i in the encoded text: the tokens overlapping
+    its content, through the end-of-turn token (the first special token after the content; template
+    glue between the two, e.g. Llama-2's space before </s>, is part of the answer). Located, never
+    guessed: render the conversation up to message i with a sentinel in place of its content; the
+    text before the sentinel must equal the full text's, the content must follow it literally (or
+    trimmed, for templates that | trim), and the end-of-turn token must come from this message's
+    closing text. Otherwise it is an error naming the template."""
+    where = f"{tok.template_name}: messages[{i}]"
+    probe = tok.render_text(messages[:i] + [{"role": "assistant", "content": _SENTINEL}])
+    k = probe.find(_SENTINEL)
+    if k < 0 or probe.count(_SENTINEL) != 1 or text[:k] != probe[:k]:
+        raise ValueError(f"{where}: cannot locate the assistant content (the template renders the text before "
+                         f"it differently depending on what follows, or drops the content)")
+    c = messages[i]["content"]
+    c = next((v for v in (c, c.strip(), c.rstrip(), c.lstrip()) if text.startswith(v, k)), None)
+    if c is None:
+        raise ValueError(f"{where}: the template changes the assistant content; cannot place the supervised span")
+    end, closing = k + len(c), probe[k + len(_SENTINEL):]
+    first = next((j for j, (a, b) in enumerate(offsets) if b > k), len(ids))
+    eot = next((j for j in range(first, len(ids)) if offsets[j][0] >= end and ids[j] in tok.special_ids), None)
+    if eot is None or not closing.startswith(text[end:offsets[eot][1]]):
+        raise ValueError(f"{where}: no special token closes the assistant turn (closing text {closing[:40]!r}); "
+                         f"nothing would teach the model to stop")
+    return first, eot + 1
+
+
+def _render_template(tok, messages, add_generation_prompt, last_turn_only, continue_final_message):
+    """render_chat for a tokenizer with a chat template: one rendering, one encoding, spans by offsets."""
+    text = tok.render_text(messages, add_generation_prompt, continue_final_message)
+    ids, offsets = tok.encode_offsets(text)
+    labels = [IGNORE] * len(ids)
+    if add_generation_prompt or continue_final_message:
+        return ids, labels
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in turns[-1:] if last_turn_only else turns:
+        a, b = _turn_span(tok, messages, i, text, ids, offsets)
+        labels[a:b] = ids[a:b]
+    return ids, labels
+
 
 # ---------------------------------------------------------------------------- chat template
 def chat_text(messages, add_generation_prompt=False):
@@ -80,14 +365,29 @@ def chat_text(messages, add_generation_prompt=False):
         ("<|assistant|>\n" if add_generation_prompt else "")
 
 
-def render_chat(tok, messages, *, add_generation_prompt=False, last_turn_only=False, legacy=True):
-    """(ids, labels) in one pass. The pieces between EOS are "<|role|>\\n{content}" (first message),
-    "\\n<|role|>\\n{content}" (the "\\n" closes the previous message) and the further parts of a content
-    split at a literal "</s>". Labels: assistant content + its EOS (every assistant turn, or the last
-    only), all else -100 (all of it with add_generation_prompt). legacy=False: no dummy prefix on
-    pieces after an EOS (HF non-legacy); the first piece keeps it in both modes."""
+def render_chat(tok, messages, *, add_generation_prompt=False, last_turn_only=False, legacy=True,
+                continue_final_message=False):
+    """(ids, labels). Labels: assistant content + its end-of-turn token (every assistant turn, or the
+    last only), all else -100 (all of it with add_generation_prompt or continue_final_message).
+
+    A tokenizer with a chat template (tokenizer.json): the template's text, encoded once; a token is
+    supervised if it overlaps an assistant content or is the end-of-turn token after it (as
+    transformers' assistant masks count tokens). A token merging the header's last characters with
+    the content's first (a content starting with spaces, say) is supervised with it.
+    continue_final_message: the prompt ends inside the last message (a pre-fill), as transformers.
+
+    sentencepiece (chat_template None): Zephyr, in one pass. The pieces between EOS are
+    "<|role|>\\n{content}" (first message), "\\n<|role|>\\n{content}" (the "\\n" closes the previous
+    message) and the further parts of a content split at a literal "</s>". legacy=False: no dummy
+    prefix on pieces after an EOS (HF non-legacy); the first piece keeps it in both modes."""
     if messages or not add_generation_prompt:   # a bare generation prompt is fine
         _check_messages(messages, "messages", "render_chat")
+    if getattr(tok, "chat_template", None) is not None:
+        if not legacy:
+            raise ValueError(f"{tok.path}: non-legacy rendering is a sentencepiece option; the chat template decides")
+        return _render_template(tok, messages, add_generation_prompt, last_turn_only, continue_final_message)
+    if continue_final_message:
+        raise ValueError(f"{tok.path}: continue_final_message needs a tokenizer with a chat template")
     ids, labels = [tok.bos_id], [IGNORE]
     last = max([i for i, m in enumerate(messages) if m["role"] == "assistant"], default=-1)
     enc = lambda text, first: tok.encode(text, dummy_prefix=legacy or first)
@@ -571,9 +871,10 @@ def show(tok, ids, labels):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (Zephyr "
-                                 "template, supervised spans between ⟦ ⟧; preference rows: the chosen side).")
-    ap.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (the "
+                                 "tokenizer's chat template, or Zephyr; supervised spans between ⟦ ⟧; "
+                                 "preference rows: the chosen side).")
+    ap.add_argument("--tokenizer", required=True, help="checkpoint directory, tokenizer.json or tokenizer.model")
     ap.add_argument("--data", required=True, help=".jsonl, .json or .parquet file, glob, directory of shards, "
                     "or a comma-separated mixture of them, each optionally PATH:N (its first N rows)")
     ap.add_argument("--split", default="", help="split of a directory of shards (e.g. train_sft)")
@@ -583,7 +884,7 @@ def main(argv=None):
     ap.add_argument("--non_legacy", action="store_true", help="no dummy-prefix space after each EOS")
     a = ap.parse_args(argv)
     try:
-        tok, rows = Tokenizer(a.tokenizer), read_source(a.data, a.split)[0]
+        tok, rows = load_tokenizer(a.tokenizer), read_source(a.data, a.split)[0]
         for where, row in rows:   # every row checked: the command doubles as a validator of a data file
             conversations(row, where)
         if not 0 <= a.index < len(rows):
@@ -597,7 +898,9 @@ def main(argv=None):
         print(json.dumps({"input_ids": ids, "labels": labels}))
         return
     kind = "preference row, chosen side" if rejected is not None else "chat row"
-    print(f"{where}: {kind}; {len(ids)} tokens, {sum(x != IGNORE for x in labels)} supervised (between ⟦ ⟧)")
+    template = getattr(tok, "template_name", None) or "Zephyr (sentencepiece)"
+    print(f"{where}: {kind}; {len(ids)} tokens, {sum(x != IGNORE for x in labels)} supervised (between ⟦ ⟧); "
+          f"template: {template}")
     print(show(tok, ids, labels))
 
 

@@ -6,8 +6,15 @@ lm-evaluation-harness does, on one device or under torchrun (strided slices, ran
   python eval_gen.py --model DIR --task arc_ll --data test.jsonl --fewshot_data train.jsonl   # 25-shot
   python eval_gen.py --model DIR --task gsm8k  --data test.jsonl --fewshot_data train.jsonl   # 5-shot
 
-DIR: HF-layout checkpoint + tokenizer.model. Data: AI2's ARC jsonl, HF allenai/ai2_arc rows, GSM8K
+DIR: HF-layout checkpoint + its tokenizer (tokenizer.json with its chat template, or tokenizer.model
+with Zephyr's; data.load_tokenizer). Data: AI2's ARC jsonl, HF allenai/ai2_arc rows, GSM8K
 {"question", "answer"}; .jsonl, .json or .parquet. Writes OUT/<task>.jsonl and OUT/<task>_summary.json.
+
+A tokenizer.json checkpoint (Llama-3, SmolLM2, ...): arc_gen renders [user message, assistant
+"The best answer is"] through the checkpoint's own template with continue_final_message, as lm-eval's
+--apply_chat_template does, BOS only where the template writes it; generation stops on the template's
+end-of-turn token (<|eot_id|>, <|im_end|>). arc_ll and gsm8k are plain text with BOS exactly when the
+tokenizer adds one to plain text (Llama-3 yes, SmolLM2 no). The Zephyr notes below are sentencepiece's.
 
 arc_gen = the harness's arc_challenge_chat (lm_eval/tasks/arc/arc_challenge_chat.yaml, filters in
 lm_eval/filters/extraction.py, exact_match_hf_evaluate in lm_eval/api/metrics.py, gen_prefix in
@@ -146,9 +153,17 @@ def arc_user_message(q):
             f"\"The best answer is [the_answer_letter]\" where the [the_answer_letter] is one of {letter_list(n, 'or')}.")
 
 
+def arc_messages(q):
+    return [{"role": "user", "content": arc_user_message(q)}, {"role": "assistant", "content": ARC_PREFILL}]
+
+
 def arc_gen_prompt(tok, q, legacy=True, bos=True):
     """[user message] through the Zephyr template, assistant turn pre-filled. render_chat ends with
-    the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill."""
+    the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill.
+    A tokenizer with its own chat template: the pre-fill continued as transformers does it."""
+    if getattr(tok, "chat_template", None) is not None:
+        ids, _ = data.render_chat(tok, arc_messages(q), continue_final_message=True)
+        return ids[1:] if not bos and ids[:1] == [tok.bos_id] else ids
     ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q)}],
                               add_generation_prompt=True, legacy=legacy)
     head = tok.encode("\n<|assistant|>\n", dummy_prefix=legacy)
@@ -159,7 +174,9 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True):
     return ids if bos else ids[1:]
 
 
-def arc_prompt_text(q):
+def arc_prompt_text(q, tok=None):
+    if getattr(tok, "chat_template", None) is not None:
+        return tok.render_text(arc_messages(q), continue_final_message=True)
     return data.chat_text([{"role": "user", "content": arc_user_message(q)}], add_generation_prompt=True) + ARC_PREFILL
 
 
@@ -187,8 +204,9 @@ def encode_pair(tok, context, continuation, bos=True):
     n = len(context) - len(context.rstrip())
     if n:
         context, continuation = context[:-n], context[-n:] + continuation
-    whole = [tok.bos_id] * bos + tok.encode(context + continuation)
-    n_ctx = bos + len(tok.encode(context))
+    pre = [tok.bos_id] if bos and getattr(tok, "add_bos", True) else []   # BOS as the tokenizer adds it
+    whole = pre + tok.encode(context + continuation)
+    n_ctx = len(pre) + len(tok.encode(context))
     return whole[:n_ctx], whole[n_ctx:]
 
 
@@ -307,7 +325,7 @@ def run_arc_gen(model, tok, questions, *, batch_size=1, max_new_tokens=100, lega
         text, alone = (truncate_at_stops(t, ARC_STOPS) for t in decode_gen(tok, g))
         gold, letter = LETTERS[q["gold"]], arc_lenient(text, len(q["choices"]))
         response, correct = arc_strict(alone, gold)
-        records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]), "prompt": arc_prompt_text(q),
+        records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]), "prompt": arc_prompt_text(q, tok),
                         "generation": text, "response": response, "extracted": letter, "gold": gold,
                         "correct": correct, "lenient_correct": letter == gold, "invalid": letter is None,
                         "new_tokens": len(g)})
@@ -336,7 +354,8 @@ def run_arc_ll(model, tok, questions, *, pool=None, num_fewshot=25, seed=1234, b
 def run_gsm8k(model, tok, questions, *, pool=None, num_fewshot=5, seed=1234, batch_size=1, max_new_tokens=256,
               bos=True, early_stop=True, progress=None, **_):
     contexts = [gsm8k_context(q, fewshot(pool, num_fewshot, seed, q, "question")) for q in questions]
-    prompts = [([tok.bos_id] * bos + tok.encode(c))[-max_context(model, max_new_tokens):] for c in contexts]
+    pre = [tok.bos_id] if bos and getattr(tok, "add_bos", True) else []   # BOS as the tokenizer adds it
+    prompts = [(pre + tok.encode(c))[-max_context(model, max_new_tokens):] for c in contexts]
     stop_ids = stop_token_ids(tok, GSM8K_STOPS) if early_stop else [tok.eos_id]
     records = []
     for q, ctx, g in zip(questions, contexts, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
@@ -403,18 +422,19 @@ def write_atomic(path, text):
 
 
 def load_model(path, dtype, device, tokenizer=None):
-    tok_path = tokenizer or os.path.join(path, "tokenizer.model")
-    if not os.path.isfile(tok_path):
-        raise SystemExit(f"{path}: no tokenizer.model (save it with the checkpoint, or pass --tokenizer)")
-    tok, model = data.Tokenizer(tok_path), Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    try:   # the checkpoint dir's tokenizer.json / tokenizer.model, or --tokenizer
+        tok = data.load_tokenizer(tokenizer or path)
+    except (OSError, ValueError, ImportError) as e:
+        raise SystemExit(f"error: {e} (save the tokenizer with the checkpoint, or pass --tokenizer)")
+    model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
     if tok.vocab_size > model.args.vocab_size:
-        raise SystemExit(f"{tok_path}: {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
+        raise SystemExit(f"{tok.path}: {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
     return tok, model
 
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="checkpoint dir (HF layout + tokenizer.model)")
+    ap.add_argument("--model", required=True, help="checkpoint dir (HF layout + tokenizer.json or tokenizer.model)")
     ap.add_argument("--task", required=True, choices=sorted(TASKS))
     ap.add_argument("--data", required=True, help="questions: .jsonl, .json or .parquet")
     ap.add_argument("--fewshot_data", help="few-shot pool (a train split) for arc_ll and gsm8k")
@@ -427,7 +447,7 @@ def parse_args(argv):
     ap.add_argument("--max_new_tokens", type=int, help="default: arc_gen 100, gsm8k 256")
     ap.add_argument("--seed", type=int, default=1234, help="few-shot draws")
     ap.add_argument("--out", default="out/eval")
-    ap.add_argument("--tokenizer", help="default: DIR/tokenizer.model")
+    ap.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model or a dir (default: DIR's)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no_bos", action="store_true", help="no BOS (harness 0.4's default for HF models)")

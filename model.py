@@ -6,6 +6,7 @@ Module names mirror Hugging Face's, so a checkpoint key is our parameter name wi
 front (except lm_head.weight): no renaming table to get wrong.
 """
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -39,6 +40,7 @@ class ModelArgs:
     bos_token_id: int = 1
     eos_token_id: int = 2
     model_type: str = "mistral"      # "mistral" or "llama" (only changes config.json and sliding window)
+    rope_scaling: Optional[dict] = None   # Llama-3.1/3.2's {"rope_type": "llama3", factor, ...}; None = plain RoPE
 
     @classmethod
     def from_hf_config(cls, cfg: dict, source: str = "config.json") -> "ModelArgs":
@@ -54,8 +56,15 @@ class ModelArgs:
             if cfg.get(key):
                 raise CheckpointError(f"{source}: '{key}: true' is not supported (this model has no biases)")
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
-            raise CheckpointError(f"{source}: rope type '{rope.get('rope_type', rope.get('type'))}' is not supported")
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind not in ("default", "llama3"):
+            raise CheckpointError(f"{source}: rope type '{kind}' is not supported (default, llama3)")
+        scaling = None
+        if kind == "llama3":
+            missing = [k for k in LLAMA3_ROPE_KEYS if rope.get(k) is None]
+            if missing:
+                raise CheckpointError(f"{source}: rope type 'llama3' needs {', '.join(missing)}")
+            scaling = {"rope_type": "llama3", **{k: rope[k] for k in LLAMA3_ROPE_KEYS}}
         dim, n_heads = need("hidden_size"), need("num_attention_heads")
         eos = cfg.get("eos_token_id", 2)
         return cls(
@@ -70,7 +79,7 @@ class ModelArgs:
             max_position_embeddings=cfg.get("max_position_embeddings", 32768),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             bos_token_id=cfg.get("bos_token_id", 1),
-            eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=mtype)
+            eos_token_id=eos[0] if isinstance(eos, list) else eos, model_type=mtype, rope_scaling=scaling)
 
     def to_hf_config(self, dtype: torch.dtype = torch.float32) -> dict:
         """transformers-4.x dialect (top-level rope_theta, integer head_dim); 5.x reads it too."""
@@ -84,6 +93,8 @@ class ModelArgs:
                "tie_word_embeddings": self.tie_word_embeddings, "bos_token_id": self.bos_token_id,
                "eos_token_id": self.eos_token_id, "attention_dropout": 0.0,
                "torch_dtype": str(dtype).removeprefix("torch.")}
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = dict(self.rope_scaling)
         if self.model_type == "mistral":
             cfg["sliding_window"] = self.sliding_window
         else:
@@ -104,12 +115,32 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_cos_sin(position_ids, head_dim: int, theta: float):
-    """cos/sin [B, T, head_dim] in fp32, rotate_half layout (the two halves share frequencies)."""
+LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def rope_cos_sin(position_ids, head_dim: int, theta: float, scaling: Optional[dict] = None):
+    """cos/sin [B, T, head_dim] in fp32, rotate_half layout (the two halves share frequencies).
+    scaling: Llama-3.1's "llama3" frequency rescaling (ModelArgs.rope_scaling), or None."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_inv_freq(inv_freq, scaling)
     freqs = position_ids[..., None].float() * inv_freq
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
+
+
+def llama3_inv_freq(inv_freq, s: dict):
+    """Llama-3.1's long-context RoPE, in transformers' operation order (parity to fp32 rounding):
+    wavelengths shorter than original_max / high_freq_factor stay, longer than original_max /
+    low_freq_factor are stretched by `factor`, and the band between is interpolated smoothly."""
+    factor, low, high, old = (s[k] for k in LLAMA3_ROPE_KEYS)
+    low_wavelen, high_wavelen = old / low, old / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rope(x, cos, sin):
@@ -310,7 +341,7 @@ class Transformer(nn.Module):
         if position_ids is None:
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0) if attention_mask is not None \
                 else torch.arange(T, device=h.device)[None].expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         q_idx = torch.arange(T, device=h.device)
         h = self.trunk(h, cos, sin, self._mask(q_idx, T, attention_mask, h.device))
         if select is not None:
@@ -319,7 +350,7 @@ class Transformer(nn.Module):
 
     def _cached_forward(self, h, position_ids, input_pos, valid):
         T, S = h.shape[1], self.layers[0].self_attn.cache.shape[2]
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta)
+        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         if T > 1:   # prefill from slot 0: queries see keys 0..T-1 (None = plain causal, no padding)
             mask = self._mask(input_pos, T, None if valid is None else valid[:, :T], h.device)
         else:       # decode: the whole cache, minus padding, unwritten slots and the window

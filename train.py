@@ -45,7 +45,7 @@ class Config:
     eval_data: str = ""
     split: str = ""                 # split of a shard directory in --data (train_sft, train_prefs, ...)
     eval_split: str = ""            # same for --eval_data (test_sft, test_prefs, ...)
-    tokenizer: str = ""             # default: <init_from>/tokenizer.model, or trained for the demo
+    tokenizer: str = ""             # file or dir; default: init_from's (data.load_tokenizer), or trained for the demo
     n_train: int = 4000             # demo only: synthetic examples
     n_eval: int = 200
     max_length: int = 1024
@@ -177,11 +177,17 @@ def _set(cfg, key, value, source):
 def load_data(cfg, rank):
     """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared)."""
     pairwise = cfg.loss in PAIRWISE
-    tok_path = cfg.tokenizer or (os.path.join(cfg.init_from, "tokenizer.model") if cfg.init_from else "")
+    tok_path = cfg.tokenizer or cfg.init_from   # a tokenizer file, or the checkpoint dir's tokenizer.json / .model
+
+    def load_tokenizer(path):
+        try:
+            return data.load_tokenizer(path)
+        except (OSError, ValueError, ImportError) as e:
+            sys.exit(f"error: tokenizer: {e}")
     if cfg.data:
-        if not os.path.isfile(tok_path):
-            sys.exit(f"error: tokenizer '{tok_path}' not found (set --tokenizer=PATH/tokenizer.model)")
-        tok = data.Tokenizer(tok_path)
+        if not tok_path:
+            sys.exit("error: --data needs a tokenizer: --init_from=DIR or --tokenizer=PATH")
+        tok = load_tokenizer(tok_path)
         train_src, eval_src = cfg.data, cfg.eval_data or None
     else:  # demo: synthetic rows, deterministic from the seed
         rows = data.synthetic_pairs(cfg.n_train + cfg.n_eval, cfg.seed) if pairwise else \
@@ -193,7 +199,7 @@ def load_data(cfg, rank):
                 os.makedirs(cfg.out_dir, exist_ok=True)
                 data.train_tokenizer(data.corpus_text(rows), tok_path[:-len(".model")], cfg.vocab_size)
             parallel.barrier()
-        tok = data.Tokenizer(tok_path)
+        tok = load_tokenizer(tok_path)
     load = data.load_pairs if pairwise else data.load_sft
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
         if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
