@@ -34,6 +34,10 @@ class DataError(ValueError):
     line ("file:3") or row ("file row 3") and names the field. The command lines print it as one line."""
 
 
+class MissingDependency(DataError, ImportError):
+    """An optional package the input needs (pyarrow for .parquet): a user error, and an ImportError."""
+
+
 class Tokenizer:
     """A sentencepiece model (Mistral v0.1: vocab 32000, unk 0, bos 1, eos 2, no pad)."""
 
@@ -171,7 +175,7 @@ def load_records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+            raise MissingDependency(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
         try:
             table = pq.read_table(path)
         except Exception as e:   # pyarrow raises ArrowInvalid / OSError for a truncated or foreign file
