@@ -42,6 +42,10 @@ class DataError(ValueError):
     line ("file:3") or row ("file row 3") and names the field. The command lines print it as one line."""
 
 
+class MissingDependency(DataError, ImportError):
+    """An optional package the input needs (pyarrow for .parquet): a user error, and an ImportError."""
+
+
 # The tokenizer interface (two implementations, duck-typed): path, vocab_size, bos_id, eos_id (the
 # token that closes an assistant turn: what training supervises and generation stops on), pad_id,
 # add_bos (prepend BOS to plain text, as the tokenizer itself does), chat_template (None: the Zephyr
@@ -471,7 +475,7 @@ def load_records(path):
         try:
             import pyarrow.parquet as pq
         except ImportError:
-            raise ImportError(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
+            raise MissingDependency(f"{path}: reading .parquet files needs pyarrow: pip install pyarrow") from None
         try:
             table = pq.read_table(path)
         except Exception as e:   # pyarrow raises ArrowInvalid / OSError for a truncated or foreign file

@@ -265,3 +265,16 @@ def test_data_inspection_checks_every_row(tmp_path, files, tok):
     with pytest.raises(SystemExit) as e:
         data.main(["--tokenizer", tok.path, "--data", str(tmp_path / "bad.jsonl"), "--index", "0"])
     assert str(e.value.code).startswith("error: ") and needle in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+def test_parquet_without_pyarrow_is_one_line(tmp_path, files, monkeypatch, capsys):
+    import builtins
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("pyarrow") else real_import(name, *a, **k))
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    argv, _ = _case(tmp_path, files, "missing_file")
+    with pytest.raises(SystemExit) as e:
+        train.cli(argv + [f"--data={tmp_path}/d.parquet"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and f"{tmp_path}/d.parquet: reading .parquet files needs pyarrow" in err
