@@ -44,7 +44,9 @@ def save(cfg, model, opt, state, tok, rank):
             torch.save({"optimizer": osd, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
                        os.path.join(tmp, "trainer_state.pt"))
         atomic_dir(path, write)
-        for old in list_checkpoints(cfg.out_dir)[:-cfg.keep_last]:
+        # keep_last: this checkpoint and the newest others; never the one just written, whatever its step
+        others = [p for p in list_checkpoints(cfg.out_dir) if os.path.abspath(p) != os.path.abspath(path)]
+        for old in others[:max(0, len(others) - (cfg.keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     parallel.barrier()
     return path
@@ -75,3 +77,40 @@ def schedule_mismatch(saved: dict, now: dict):
     return ("cannot resume: the checkpoint was written with another batch schedule (" + ", ".join(diff) +
             "); resuming would replay other batches. Use the same --nproc_per_node/--micro_batch_size/"
             "--grad_accum, or start a new run in another --out_dir")
+
+
+def objective_mismatch(saved_cfg: dict, cfg):
+    """Another objective is another run: refuse (a one-line reason), or None."""
+    if saved_cfg.get("loss", cfg.loss) != cfg.loss:
+        return (f"cannot resume: the checkpoint was trained with --loss={saved_cfg['loss']}, this run asks for "
+                f"--loss={cfg.loss}; start it with --init_from=<that checkpoint> in another --out_dir")
+    return None
+
+
+# Settings that may differ on resume without a word: where output goes and how it is shown.
+QUIET = {"resume", "overwrite", "eval_only", "dry_run", "out_dir", "progress", "log_every", "eval_every", "save_every",
+         "keep_last", "gen_eval", "dist_timeout_s", "config"}
+
+
+def resume_warnings(state: dict, cfg, data_fp: str) -> list:
+    """What a resumed run does differently from the run that wrote the checkpoint (learning rate, steps, ...)."""
+    now, saved = dataclasses.asdict(cfg), state.get("config", {})
+    out = [f"resuming with changed settings: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+                                                          if k in saved and k not in QUIET and saved[k] != now[k])]
+    out = out if out[0] != "resuming with changed settings: " else []
+    if state.get("data_fingerprint") != data_fp:
+        out.append(f"the data differ from the checkpoint's (fingerprint {data_fp} vs {state.get('data_fingerprint')}): "
+                   f"the resumed run will not replay the same batches")
+    return out
+
+
+def clear_run(out_dir):
+    """--overwrite: remove a previous run's checkpoints, metrics and trained tokenizer (reference-log-prob
+    caches stay: they are keyed by what they were computed from)."""
+    for p in list_checkpoints(out_dir) + glob.glob(os.path.join(out_dir, "tokenizer-*.model")) + \
+            glob.glob(os.path.join(out_dir, "tokenizer-*.vocab")) + \
+            [os.path.join(out_dir, f) for f in ("metrics.jsonl", "metrics.png")]:
+        if os.path.isdir(p):
+            shutil.rmtree(p)
+        elif os.path.exists(p):
+            os.remove(p)

@@ -626,6 +626,19 @@ def write_checkpoint(out_dir, args: ModelArgs, state_dict, dtype=None, max_shard
         shutil.copyfile(src, os.path.join(out_dir, name))
 
 
+def _honour_umask(root):
+    """mkdtemp makes 0700 dirs (and some writers 0600 files): give the tree the modes any file the user
+    creates gets, so colleagues on a shared filesystem can read a checkpoint."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for d, dirs, files in os.walk(root):
+        for n in dirs:
+            os.chmod(os.path.join(d, n), 0o777 & ~umask)
+        for n in files:
+            os.chmod(os.path.join(d, n), 0o666 & ~umask)
+
+
 def atomic_dir(path, write_fn):
     """Run write_fn(tmp_dir) on a fresh temp dir beside `path`, then swap it into place."""
     path = os.path.abspath(path)
@@ -634,6 +647,7 @@ def atomic_dir(path, write_fn):
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
         write_fn(tmp)
+        _honour_umask(tmp)
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
             os.rename(path, os.path.join(old, "x"))

@@ -11,6 +11,7 @@ Single process, DDP or FSDP2 is chosen from the environment torchrun sets (WORLD
 round most updates away (SPEC §1.5).
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
+import flags
 import data
 import ift
 import onpolicy
@@ -38,122 +40,125 @@ NEEDS_REF = ("dpo", "ipo", "kto")
 
 @dataclass
 class Config:
-    config: str = ""                # optional JSON preset, applied before the command line
-    # data: "" = the built-in synthetic task (data.synthetic_task) with its own tokenizer. Else a file,
-    # a glob, a directory of shards, or a comma-separated mixture, each PATH or PATH:N (first N rows)
-    data: str = ""
-    eval_data: str = ""
+    config: str = ""                # JSON preset (e.g. configs/s1_mistral7b_ift.json), under the command line
+    # data
+    data: str = ""                  # "" = the built-in demo task; else a file, glob, shard directory or a
+                                    # comma-separated mixture, each PATH or PATH:N (its first N rows)
+    eval_data: str = ""             # held-out data, same forms as --data ("" with the demo: its held-out rows)
     split: str = ""                 # split of a shard directory in --data (train_sft, train_prefs, ...)
     eval_split: str = ""            # same for --eval_data (test_sft, test_prefs, ...)
-    tokenizer: str = ""             # file or dir; default: init_from's (data.load_tokenizer), or trained for the demo
-    n_train: int = 4000             # demo only: synthetic examples
-    n_eval: int = 200
-    max_length: int = 1024
-    max_prompt_length: int = 512
-    last_turn_only: bool = False
-    # the IFT authors' data conventions (off: the data as it is; see README, deviations)
-    empty_system: bool = False      # an empty system message first when a conversation has none
-    dedup_prompts: bool = False     # one example per prompt, the last (their loader keys rows by prompt)
-    prompt_from_chosen: bool = False  # pairs: prompt = chosen[:-1], whatever rejected's turns before its answer
-    # model: init_from = HF checkpoint dir; "" = random init of the shape below
-    init_from: str = ""
-    dim: int = 256
-    n_layers: int = 4
-    n_heads: int = 8
-    n_kv_heads: int = 4
-    hidden_dim: int = 688
-    vocab_size: int = 512           # demo tokenizer size
+    tokenizer: str = ""             # file or dir; default: init_from's, else one trained on the data (random init)
+    n_train: int = 4000             # demo only: synthetic training examples
+    n_eval: int = 200               # demo only: synthetic held-out examples
+    max_length: int = 1024          # tokens per example (longer ones keep their start)
+    max_prompt_length: int = 512    # pairs: the prompt is cut to this first
+    last_turn_only: bool = False    # supervise only the last assistant turn (default: every one)
+    empty_system: bool = False      # authors' convention: an empty system message when a conversation has none
+    dedup_prompts: bool = False     # authors' convention: one example per prompt, the last one
+    prompt_from_chosen: bool = False  # authors' convention: pair prompt = chosen[:-1]
+    # model
+    init_from: str = ""             # Hugging Face checkpoint dir to start from; "" = random init of this shape:
+    dim: int = 256                  # random init: hidden size
+    n_layers: int = 4               # random init: blocks
+    n_heads: int = 8                # random init: attention heads
+    n_kv_heads: int = 4             # random init: key/value heads (grouped-query attention)
+    hidden_dim: int = 688           # random init: SwiGLU intermediate size
+    vocab_size: int = 512           # size of a tokenizer trained here (demo, or --data from scratch)
     # objective
-    loss: str = "ift"               # sft ift dpo ipo orpo simpo kto (+ rwr reinforce on-policy)
-    lam: float = 0.2
-    gamma: float = 0.95
-    prop_kind: str = "loss"
-    prop_side: str = "left"
-    prop_norm: str = "L1"
-    detach_weights: bool = False
-    freeze_input_embeddings: bool = False
-    lam_warmup_steps: int = 0
-    min_lambda: float = 0.0         # λ warm-up runs from min_lambda to lam
-    lam_noise_std: float = 0.0
-    sft_token_mean: bool = False
-    beta: float = 0.1               # DPO/IPO/KTO
-    label_smoothing: float = 0.0
-    reference_free: bool = False
-    ipo_length_normalized: bool = False
-    orpo_beta: float = 0.25
-    simpo_beta: float = 2.0
-    simpo_gamma_ratio: float = 0.8
-    ref: str = "precompute"         # precompute (cached on disk, one model in memory) | online
-    # on-policy sampling (onpolicy.py); offline when onpolicy_every == 0
-    onpolicy_every: int = 0         # k: resample every k optimizer steps (0 = train on the dataset's answers)
+    loss: str = "ift"               # sft ift dpo ipo orpo simpo kto (+ rwr reinforce, on-policy)
+    lam: float = 0.2                # IFT: lambda, weight of the model's own guesses in the input embeddings
+    gamma: float = 0.95             # IFT: discount of the loss that follows each token (0 = plain weights)
+    prop_kind: str = "loss"         # IFT: what is propagated: loss | logps | mask
+    prop_side: str = "left"         # IFT: left (sum over later tokens) | right (earlier; couples rows)
+    prop_norm: str = "L1"           # IFT: L1 | L2 | softmax | log
+    detach_weights: bool = False    # IFT: constant token weights (authors: gradient flows through them)
+    freeze_input_embeddings: bool = False  # IFT: never train the input embeddings (the authors' code)
+    lam_warmup_steps: int = 0       # IFT: lambda rises linearly from min_lambda over this many steps
+    min_lambda: float = 0.0         # IFT: start of the lambda warm-up
+    lam_noise_std: float = 0.0      # IFT: multiplicative Gaussian noise on lambda, one draw per step
+    sft_token_mean: bool = False    # SFT: mean over the micro-batch's tokens (default: per sequence, then batch)
+    beta: float = 0.1               # DPO/IPO/KTO: beta
+    label_smoothing: float = 0.0    # DPO: conservative-DPO epsilon
+    reference_free: bool = False    # DPO/IPO/KTO: a reference that gives every answer log-prob 0
+    ipo_length_normalized: bool = False  # IPO: length-normalised log-ratios (TRL) instead of summed
+    orpo_beta: float = 0.25         # ORPO: weight of the odds-ratio term
+    simpo_beta: float = 2.0         # SimPO: beta
+    simpo_gamma_ratio: float = 0.8  # SimPO: target margin gamma / beta
+    ref: str = "precompute"         # DPO/IPO/KTO reference: precompute (cached on disk) | online (frozen copy)
+    # on-policy sampling (onpolicy.py)
+    onpolicy_every: int = 0         # resample every k optimizer steps (0 = train on the dataset's answers)
     sampling: str = "onpolicy"      # onpolicy | offline (samples drawn once from the initial policy, reused)
-    n_samples: int = 4
+    n_samples: int = 4              # samples per prompt
     sample_batch_size: int = 64     # rows (prompt x sample) per generate call
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = 32
-    reward: str = "demo"            # demo | length | module:function
-    pairs: str = "best_worst"       # best_worst | all
-    pair_threshold: float = 0.2
-    replay_ratio: float = 0.0
-    rwr_temperature: float = 1.0
-    rwr_cap: float = 20.0
+    temperature: float = 1.0        # sampling temperature
+    top_p: float = 1.0              # nucleus sampling mass
+    max_new_tokens: int = 32        # tokens per sample at most
+    reward: str = "demo"            # demo | length | module:function(prompt_text, response_text) -> float
+    pairs: str = "best_worst"       # DPO-style pairs from the samples: best_worst | all
+    pair_threshold: float = 0.2     # pairs closer in reward than this are skipped
+    replay_ratio: float = 0.0       # best-of-N: fraction of rows that keep the dataset's answer
+    rwr_temperature: float = 1.0    # RWR: weight = min(exp(r / T), cap)
+    rwr_cap: float = 20.0           # RWR: weight cap
     # optimisation
     optimizer: str = "adamw"        # adamw | rmsprop
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    schedule: str = "cosine"        # cosine | linear | constant
-    warmup_ratio: float = 0.05
-    epochs: int = 4
-    max_steps: int = 0              # 0 = epochs * steps per epoch
-    micro_batch_size: int = 32
-    grad_accum: int = 1
-    grad_clip: float = 1.0
+    lr: float = 1e-3                # peak learning rate
+    weight_decay: float = 0.0       # decoupled weight decay
+    schedule: str = "cosine"        # after warm-up: cosine | linear | constant
+    warmup_ratio: float = 0.05      # fraction of the steps with a linear warm-up
+    epochs: int = 4                 # passes over the data (when max_steps is 0)
+    max_steps: int = 0              # optimizer steps; 0 = epochs x steps per epoch
+    micro_batch_size: int = 32      # examples (pairs) per forward, per process
+    grad_accum: int = 1             # micro-batches per optimizer step
+    grad_clip: float = 1.0          # gradient-norm clip (0 = off)
     # system
-    parallel: str = "ddp"           # ddp | fsdp (only used under torchrun)
-    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
-    grad_checkpointing: bool = False
-    seed: int = 1337
-    out_dir: str = "out"
-    resume: bool = False
+    parallel: str = "ddp"           # under torchrun: ddp | fsdp (FSDP2, sharded fp32 master weights)
+    precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights stay fp32
+    grad_checkpointing: bool = False  # recompute each block in backward (less memory, ~1/3 more compute)
+    seed: int = 1337                # data order, init, demo data, sampling
+    out_dir: str = "out"            # checkpoints, metrics.jsonl, caches
+    resume: bool = False            # continue from the newest checkpoint in out_dir
+    overwrite: bool = False         # start a new run in an out_dir that holds another run's checkpoints
+    eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint); no training
     dry_run: bool = False           # print the config and the data plan, then exit before building the model
-    save_every: int = 0             # 0 = only at the end
-    keep_last: int = 2
-    eval_every: int = 0
-    log_every: int = 10
-    gen_eval: int = 100             # held-out generation exact match at the end (demo task only)
-    progress: bool = True
+    save_every: int = 0             # checkpoint every N steps (0 = only at the end)
+    keep_last: int = 2              # checkpoints kept (the newest is never deleted)
+    eval_every: int = 0             # held-out loss every N steps (0 = only at the end)
+    log_every: int = 10             # metrics every N steps (a plain line when the bar is off or not a terminal)
+    gen_eval: int = 100             # demo only: held-out generation exact match on this many prompts at the end
+    progress: bool = True           # progress bars (only on a terminal)
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
 
 
+CHOICES = {"loss": ("sft", "ift") + PAIRWISE + ("rwr", "reinforce"), "ref": ("precompute", "online"),
+           "optimizer": ("adamw", "rmsprop"), "schedule": ("cosine", "linear", "constant"), "parallel": ("ddp", "fsdp"),
+           "sampling": ("onpolicy", "offline"), "precision": ("auto", "bf16", "fp32"), "prop_side": ("left", "right"),
+           "prop_kind": ("loss", "logps", "mask"), "prop_norm": ("L1", "L2", "softmax", "log"),
+           "pairs": ("best_worst", "all")}
+
+
 def parse_config(argv) -> Config:
-    cfg, args = Config(), {}
-    for a in argv:
-        if a.startswith("--") and "=" not in a and isinstance(getattr(cfg, a[2:], None), bool):
-            a += "=true"            # a bare boolean flag: --dry_run
-        if not a.startswith("--") or "=" not in a:
-            sys.exit(f"error: expected --key=value, got '{a}'")
-        k, v = a[2:].split("=", 1)
-        args[k] = v
-    if "config" in args:
+    """defaults < --config preset < command line. Every option: `python train.py --help`."""
+    ap = flags.dataclass_parser(Config, __doc__, CHOICES, epilog="--debug: tracebacks for user errors too")
+    given = vars(ap.parse_args(argv))
+    cfg = Config()
+    if given.get("config"):
         try:
-            with open(args["config"]) as f:
+            with open(given["config"]) as f:
                 preset = json.load(f)
         except (OSError, json.JSONDecodeError) as e:
-            sys.exit(f"error: cannot read preset {args['config']}: {e}")
+            sys.exit(f"error: cannot read preset {given['config']}: {e}")
         for k, v in preset.items():
-            _set(cfg, k, v, args["config"])
-    for k, v in args.items():
-        _set(cfg, k, v, "command line")
-    for key, allowed in (("loss", ("sft", "ift") + PAIRWISE + ("rwr", "reinforce")), ("ref", ("precompute", "online")),
-                         ("optimizer", ("adamw", "rmsprop")), ("schedule", ("cosine", "linear", "constant")),
-                         ("parallel", ("ddp", "fsdp")), ("sampling", ("onpolicy", "offline")), ("precision", ("auto", "bf16", "fp32")),
-                         ("prop_side", ("left", "right")), ("prop_kind", ("loss", "logps", "mask")),
-                         ("prop_norm", ("L1", "L2", "softmax", "log")), ("pairs", ("best_worst", "all"))):
+            _set(cfg, k, v, given["config"])
+    for k, v in given.items():
+        setattr(cfg, k, v)
+    for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     if cfg.loss in ("rwr", "reinforce") and cfg.onpolicy_every == 0:
         sys.exit(f"error: --loss={cfg.loss} needs samples: set --onpolicy_every=K")
+    if cfg.loss == "kto" and cfg.micro_batch_size < 2:
+        sys.exit(f"error: --loss=kto needs --micro_batch_size >= 2 (its KL estimate pairs the rows of a "
+                 f"micro-batch), got {cfg.micro_batch_size}")
     return cfg
 
 
@@ -175,31 +180,31 @@ def _set(cfg, key, value, source):
 
 # ---------------------------------------------------------------------------- setup
 def load_data(cfg, rank):
-    """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared)."""
+    """Tokenizer + train/eval examples (+ the demo's held-out rows). Without --tokenizer or --init_from (the
+    demo, or --data from scratch) rank 0 trains a sentencepiece tokenizer on the training text into out_dir,
+    named after what it was trained on. The vocabulary is checked against the model before tokenizing."""
     pairwise = cfg.loss in PAIRWISE
-    tok_path = cfg.tokenizer or cfg.init_from   # a tokenizer file, or the checkpoint dir's tokenizer.json / .model
-
-    def load_tokenizer(path):
-        try:
-            return data.load_tokenizer(path)
-        except (OSError, ValueError, ImportError) as e:
-            sys.exit(f"error: tokenizer: {e}")
     if cfg.data:
-        if not tok_path:
-            sys.exit("error: --data needs a tokenizer: --init_from=DIR or --tokenizer=PATH")
-        tok = load_tokenizer(tok_path)
-        train_src, eval_src = cfg.data, cfg.eval_data or None
+        train_src, eval_src, demo = cfg.data, cfg.eval_data or None, None
     else:  # demo: synthetic rows, deterministic from the seed
         rows = data.synthetic_pairs(cfg.n_train + cfg.n_eval, cfg.seed) if pairwise else \
             data.synthetic_task(cfg.n_train + cfg.n_eval, cfg.seed)
-        train_src, eval_src = rows[:cfg.n_train], rows[cfg.n_train:]
-        if not tok_path:
-            tok_path = os.path.join(cfg.out_dir, "tokenizer.model")
-            if rank == 0 and not os.path.isfile(tok_path):
-                os.makedirs(cfg.out_dir, exist_ok=True)
-                data.train_tokenizer(data.corpus_text(rows), tok_path[:-len(".model")], cfg.vocab_size)
-            parallel.barrier()
-        tok = load_tokenizer(tok_path)
+        train_src, eval_src, demo = rows[:cfg.n_train], rows[cfg.n_train:], rows[cfg.n_train:]
+    tok_path = cfg.tokenizer or cfg.init_from   # a tokenizer file, or the checkpoint dir's tokenizer.json / .model
+    if not tok_path:
+        what = [cfg.data or "demo", cfg.split, cfg.seed, cfg.n_train, cfg.n_eval, pairwise, cfg.vocab_size]
+        tok_path = os.path.join(cfg.out_dir, f"tokenizer-{hashlib.sha256(repr(what).encode()).hexdigest()[:8]}.model")
+        if rank == 0 and not os.path.isfile(tok_path):
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            text = data.corpus_text(rows if not cfg.data else [r for _, r in data.read_source(cfg.data, cfg.split)[0]])
+            print(f"training a {cfg.vocab_size}-piece sentencepiece tokenizer on the training text -> {tok_path}")
+            data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+        parallel.barrier()
+    try:
+        tok = data.load_tokenizer(tok_path)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: tokenizer: {e}")
+    check_vocab(cfg, tok)
     load = data.load_pairs if pairwise else data.load_sft
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
         if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
@@ -213,7 +218,7 @@ def load_data(cfg, rank):
             print(f"  source {s['source']}: {s['rows']} rows from {s['files']} file(s)")
     if not train:
         sys.exit("error: no training example left after truncation")
-    return tok, train, evals, (eval_src if not cfg.data else None)
+    return tok, train, evals, demo
 
 
 def check_vocab(cfg, tok):
@@ -245,7 +250,6 @@ def dry_run(cfg):
     WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     tok, train_ex, eval_ex, _ = load_data(cfg, 0)
-    check_vocab(cfg, tok)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
     gbs = cfg.micro_batch_size * cfg.grad_accum * world
@@ -261,7 +265,6 @@ def dry_run(cfg):
 
 
 def build_model(cfg, tok, device):
-    check_vocab(cfg, tok)
     if cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
@@ -438,7 +441,8 @@ def train(cfg, rank, local, world, distributed):
     # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out_dir, exist_ok=True)
+    if not cfg.eval_only:
+        guard_out_dir(cfg, rank)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
     model = build_model(cfg, tok, device)
     data_fp = refcache.data_fingerprint(tok, train_ex)
@@ -471,18 +475,26 @@ def train(cfg, rank, local, world, distributed):
                                                      rank, world)
     sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
     resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and not resume_from and rank == 0:
+        print(f"resume: no checkpoint in {cfg.out_dir}: starting a new run")
     if resume_from:
         state = checkpoint.load(resume_from, model, opt)
-        why = checkpoint.schedule_mismatch(state, run_info)
-        if why:
-            sys.exit(f"error: {why} ({resume_from})")
+        refuse = checkpoint.schedule_mismatch(state, run_info) or checkpoint.objective_mismatch(state["config"], cfg)
+        if refuse:
+            sys.exit(f"error: {refuse} ({resume_from})")
         if sampler is not None and "sampler" in state:
             sampler.load_state_dict(state["sampler"][rank])
         if rank == 0:
-            print(f"resumed from {resume_from} at step {state['step']}")
-            if state.get("data_fingerprint") != data_fp:
-                print(f"warning: the data differ from the checkpoint's (fingerprint {data_fp} vs "
-                      f"{state.get('data_fingerprint')}): the resumed run will not replay the same batches")
+            print(f"resumed {resume_from}: step {state['step']} of {total}")
+            for w in checkpoint.resume_warnings(state, cfg, data_fp):
+                print(f"warning: {w}")
+    if cfg.eval_only:
+        return evaluate_only(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
+                             world, fsdp, resume_from or cfg.init_from or "random init")
+    if state["step"] >= total:
+        if rank == 0:
+            print(f"{resume_from} is the end of this run (step {state['step']} of {total}): nothing to train")
+        return {"checkpoint": resume_from, "step": state["step"], "finished": True}
     if rank == 0:
         print(json.dumps(dataclasses.asdict(cfg)))
         tokens_per_step = gbs * sum(lengths) / len(lengths)
@@ -496,8 +508,12 @@ def train(cfg, rank, local, world, distributed):
         return checkpoint.save(cfg, model, opt, {**state, **extra}, tok, rank)
 
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=state["step"], disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
+    # A bar on a terminal; in a redirected log (or --progress=false) a plain line every log_every steps.
+    show_bar = rank == 0 and cfg.progress and sys.stderr.isatty()
+    bar = tqdm(total=total, initial=state["step"], disable=not show_bar, dynamic_ncols=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rank == 0:
+        start_metrics(metrics_path, state["step"])
     t0, tokens, last_log, plan_epoch = time.time(), 0, {}, None
     model.train()
     while state["step"] < total:
@@ -558,11 +574,14 @@ def train(cfg, rank, local, world, distributed):
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+            if not show_bar:
+                print(f"step {state['step']}/{total} | loss {acc['loss']:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
+                      + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {dt:.0f} s", flush=True)
             last_log = rec
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
             ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
             if rank == 0 and ev:
-                bar.write(" ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+                (bar.write if show_bar else print)(f"step {state['step']} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": state["step"], **ev}) + "\n")
         if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
@@ -570,33 +589,82 @@ def train(cfg, rank, local, world, distributed):
     bar.close()
     path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
-    summary.update(evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world))
-    if demo_eval_rows is not None and cfg.gen_eval:
-        em, example = generation_exact_match(parallel.unwrap(model), tok, demo_eval_rows, cfg.gen_eval, device, ctx,
-                                             rank, world, lockstep=fsdp)
-        summary["heldout_exact_match"] = em
-        if rank == 0:
-            print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_eval_rows))} "
-                  f"prompts (e.g. {example!r})")
+    summary.update(final_eval(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
+                              world, fsdp))
     if rank == 0:
         print(json.dumps(summary))
         plot_curve(metrics_path)
     return summary
 
 
+def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, fsdp):
+    """Held-out metrics, and on the demo task the generation exact match: the end of a run and --eval_only."""
+    out = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_table, ref_model, rank, world)
+    if demo_rows is not None and cfg.gen_eval:
+        em, example = generation_exact_match(parallel.unwrap(model), tok, demo_rows, cfg.gen_eval, device, ctx,
+                                             rank, world, lockstep=fsdp)
+        out["heldout_exact_match"] = em
+        if rank == 0:
+            print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_rows))} "
+                  f"prompts (e.g. {example!r})")
+    return out
+
+
+def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, fsdp, what):
+    """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
+    then exactly those of the run's own final evaluation); writes nothing."""
+    summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
+                                               rank, world, fsdp)}
+    if rank == 0:
+        print(json.dumps(summary))
+    return summary
+
+
+def guard_out_dir(cfg, rank):
+    """A new run never mixes with an old one: into an out_dir holding checkpoints it needs --resume (continue
+    that run) or --overwrite (its checkpoints, metrics and trained tokenizer are removed first)."""
+    found = checkpoint.latest(cfg.out_dir)
+    if found and not cfg.resume:
+        if not cfg.overwrite:
+            sys.exit(f"error: {cfg.out_dir} already holds a run (newest checkpoint {found}): pass --resume to "
+                     f"continue it, --overwrite to replace it, or choose another --out_dir")
+        if rank == 0:
+            checkpoint.clear_run(cfg.out_dir)
+            print(f"--overwrite: removed the previous run's checkpoints and metrics from {cfg.out_dir}")
+    if rank == 0:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    parallel.barrier()
+
+
+def start_metrics(path, step):
+    """metrics.jsonl of this run only: empty for a new run; on resume, the records up to the resumed step
+    (what the killed run logged after its last checkpoint is replayed, not duplicated)."""
+    keep = []
+    if step and os.path.isfile(path):
+        with open(path) as f:
+            keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
 def plot_curve(metrics_path):
+    """metrics.png: train loss, and held-out loss where it was measured."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return  # optional dependency
+        print("note: no metrics.png (pip install matplotlib for the loss curve)")
+        return
     recs = [json.loads(l) for l in open(metrics_path)] if os.path.isfile(metrics_path) else []
-    recs = [r for r in recs if "loss" in r]
-    if recs:
+    train_recs, eval_recs = [r for r in recs if "loss" in r], [r for r in recs if "eval/loss" in r]
+    if train_recs:
         plt.figure(figsize=(6, 4))
-        plt.plot([r["step"] for r in recs], [r["loss"] for r in recs])
-        plt.xlabel("step"), plt.ylabel("train loss")
+        plt.plot([r["step"] for r in train_recs], [r["loss"] for r in train_recs], label="train loss")
+        if eval_recs:
+            plt.plot([r["step"] for r in eval_recs], [r["eval/loss"] for r in eval_recs], "o-", label="held-out loss")
+        plt.xlabel("step"), plt.ylabel("loss"), plt.legend()
         plt.savefig(metrics_path.replace(".jsonl", ".png"), dpi=100)
         plt.close()
 

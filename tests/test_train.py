@@ -151,15 +151,35 @@ def test_demo_end_to_end_and_checkpoint_loads_in_transformers(tmp_path):
     assert state["global_batch"] == 16 and state["world_size"] == 1 and len(state["data_fingerprint"]) == 16
 
 
-def test_bad_config_names_the_key(tmp_path):
-    for args, msg in ((["--lrr=1"], "unknown config key 'lrr'"), (["--lr=fast"], "bad value 'fast' for 'lr'"),
-                      (["--loss=ppo"], "--loss='ppo' is not one of")):
-        with pytest.raises(SystemExit, match=msg):
+def test_bad_config_names_the_key(tmp_path, capsys):
+    for args, msg in ((["--lrr=1"], "unrecognized arguments: --lrr=1"), (["--lr=fast"], "--lr: invalid float value: 'fast'"),
+                      (["--loss=ppo"], "--loss: invalid choice: 'ppo'")):
+        with pytest.raises(SystemExit):
             train.parse_config(args)
+        assert msg in capsys.readouterr().err
     preset = tmp_path / "p.json"
     preset.write_text(json.dumps({"gamma": "high"}))
     with pytest.raises(SystemExit, match=f"bad value 'high' for 'gamma' \\({preset}\\)"):
         train.parse_config([f"--config={preset}"])
+    preset.write_text(json.dumps({"gama": 0.5}))
+    with pytest.raises(SystemExit, match=f"unknown config key 'gama' \\({preset}\\)"):
+        train.parse_config([f"--config={preset}"])
+
+
+def test_command_line_styles_and_help():
+    """--key value, --key=value, bare --flag; presets under the command line; --help lists every field."""
+    cfg = train.parse_config(["--lr", "0.5", "--loss=sft", "--resume", "--progress=false", "--grad_accum", "3"])
+    assert (cfg.lr, cfg.loss, cfg.resume, cfg.progress, cfg.grad_accum) == (0.5, "sft", True, False, 3)
+    assert train.parse_config(["--resume=true"]).resume and not train.parse_config(["--resume=false"]).resume
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--help"], capture_output=True, text=True,
+                       cwd=ROOT, timeout=120)
+    assert p.returncode == 0
+    import dataclasses
+    for f in dataclasses.fields(train.Config):
+        line = next(l for l in p.stdout.splitlines() if l.strip().startswith(f"--{f.name} "))
+        assert "default" in p.stdout[p.stdout.index(line):][:400], f.name
+    helps = train.flags.field_help(train.Config)
+    assert all(helps[f.name] for f in dataclasses.fields(train.Config))     # every option says what it does
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tok_path):
