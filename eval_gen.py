@@ -27,20 +27,27 @@ lm_eval/api/task.py, decoding in lm_eval/models/huggingface.py generate_until):
      continue_final_message=True: the prompt ends "<|assistant|>\\nThe best answer is" (no EOS).
   3. Greedy, <= 100 new tokens, decoded ON THEIR OWN (special tokens skipped), then cut at the first
      "\\n\\n" or "." (s = s.split(term)[0] per term).
-  4. remove_whitespace: drop ONE leading space; take_first.
+  4. remove_whitespace: strip ALL leading and trailing whitespace (the harness's filter does
+     str.strip() now); take_first.
   5. exact_match(ignore_case, ignore_punctuation): lower-case, delete string.punctuation, compare.
-  " C." -> "C" right; " C because" -> wrong; " (c)" -> right; "\\nC" -> wrong. A sentencepiece decode
-  of the new tokens alone also drops their first piece's leading space (we decode the same way).
+  " C." -> "C" right; " C because" -> wrong; " (c)" -> right; "\\nC", "  C", "C\\n" -> right. A
+  sentencepiece decode of the new tokens alone also drops their first piece's leading space (we
+  decode the same way); special tokens (<s>, </s>, <unk>) are skipped, as the harness decodes.
   Ours on top: lenient = first `answer is:?\\s*\\(?([A-E])\\b` in "The best answer is" + generation,
   else the first standalone capital letter, counted only if the question has that choice;
   invalid = no such letter.
   Deviations: (a) 3 choices: the harness still says "four ... (A, B, C and D)"; 5 choices: it hides
   E (an E answer can never score). We show every choice and adapt the count and both letter lists
   ("five candidate answers (A, B, C, D and E)", "one of A, B, C, D or E"); 4 choices: identical text.
-  (b) BOS first (SPEC §5; how the model was trained); harness 0.4's HFLM encodes without special
-  tokens by default and Zephyr's template has none: --no_bos reproduces that.
+  (b) BOS first, as the model was trained. This matches the harness for Mistral's and Zephyr's
+  tokenizers: their tokenizer_config says add_bos_token: true and HFLM then feeds BOS too. --no_bos
+  drops it: what the harness does with a tokenizer that adds no BOS.
+  (c) the harness's YAML writes the prompt in single quotes, so its model sees a literal backslash-n
+  (two characters) in six places (after "answer.", after the question, after each choice) where we
+  send real newlines; --harness_literal_newlines reproduces that byte for byte (4-choice questions;
+  3- and 5-choice ones keep (a)).
   Pre-fill tokens: after the last EOS the text "\\n<|assistant|>\\nThe best answer is" is ONE piece,
-  one sentencepiece call (SPEC §5; what HF's legacy tokenizer does with the harness's string), so
+  one sentencepiece call (what HF's legacy tokenizer does with the harness's string), so
   "The" follows "\\n" with no "▁" (Mistral: 1014 "The", not 415 "▁The").
 arc_ll = the harness's arc_challenge (Open LLM Leaderboard, 25-shot): context "Question: {stem}\\nAnswer:",
   continuation " {choice}"; shots "Question: ..\\nAnswer: {gold text}" joined by "\\n\\n". Tokens as
@@ -49,9 +56,13 @@ arc_ll = the harness's arc_challenge (Open LLM Leaderboard, 25-shot): context "Q
   acc = argmax score, acc_norm = argmax score / len(choice) (characters, the harness's completion_len;
   bytes for ASCII). Plain text, BOS first.
 gsm8k = the harness's gsm8k v3, plain text (BOS first, no chat template): shots "Question: {q}\\nAnswer:
-  {answer}" joined by "\\n\\n"; greedy, 256 tokens, stop at "Question:", "</s>", "<|im_end|>". strict =
+  {answer}" joined by "\\n\\n"; greedy, 256 tokens, stop at "Question:", "</s>", "<|im_end|>"; the new
+  tokens decoded with special tokens skipped (a generated <s> is no text, as in the harness). strict =
   first "#### (-?[0-9.,]+)", flexible = last "(-?[$0-9.,]{2,})|(-?[0-9]+)"; both sides lose ",", "$",
   "...#### " and a final "." before comparing. accuracy: strict if the output has "####", else flexible.
+Generation stops a row as soon as its text holds a stop string (results equal running to the
+  limit and cutting); rows are batched by prompt length; bf16 by default on CUDA (fp32 on CPU);
+  --compile compiles the one-token decode step (CUDA graphs on CUDA).
 Shots: random.Random(seed * 1_000_003 + question index).sample(pool minus the same question), so any
   number of ranks draws the same ones. stderr = sqrt(p(1-p)/(n-1)), the harness's sample stderr.
 """
@@ -145,26 +156,27 @@ def letter_list(n, last):
     return ", ".join(LETTERS[:n - 1]) + f" {last} " + LETTERS[n - 1]
 
 
-def arc_user_message(q):
-    n = len(q["choices"])
-    lines = "".join(f"{LETTERS[i]}. {t}\n" for i, t in enumerate(q["choices"]))
+def arc_user_message(q, literal_newlines=False):
+    """literal_newlines: a backslash and an "n" where the harness's single-quoted YAML has them."""
+    n, nl = len(q["choices"]), "\\n" if literal_newlines else "\n"
+    lines = "".join(f"{LETTERS[i]}. {t}{nl}" for i, t in enumerate(q["choices"]))
     return (f"Given the following question and {NUMBER_WORDS[n]} candidate answers ({letter_list(n, 'and')}), "
-            f"choose the best answer.\nQuestion: {q['stem'].strip()}\n{lines}Your response should end with "
+            f"choose the best answer.{nl}Question: {q['stem'].strip()}{nl}{lines}Your response should end with "
             f"\"The best answer is [the_answer_letter]\" where the [the_answer_letter] is one of {letter_list(n, 'or')}.")
 
 
-def arc_messages(q):
-    return [{"role": "user", "content": arc_user_message(q)}, {"role": "assistant", "content": ARC_PREFILL}]
+def arc_messages(q, literal_newlines=False):
+    return [{"role": "user", "content": arc_user_message(q, literal_newlines)}, {"role": "assistant", "content": ARC_PREFILL}]
 
 
-def arc_gen_prompt(tok, q, legacy=True, bos=True):
+def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False):
     """[user message] through the Zephyr template, assistant turn pre-filled. render_chat ends with
     the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill.
     A tokenizer with its own chat template: the pre-fill continued as transformers does it."""
     if getattr(tok, "chat_template", None) is not None:
-        ids, _ = data.render_chat(tok, arc_messages(q), continue_final_message=True)
+        ids, _ = data.render_chat(tok, arc_messages(q, literal_newlines), continue_final_message=True)
         return ids[1:] if not bos and ids[:1] == [tok.bos_id] else ids
-    ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q)}],
+    ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q, literal_newlines)}],
                               add_generation_prompt=True, legacy=legacy)
     head = tok.encode("\n<|assistant|>\n", dummy_prefix=legacy)
     tail = tok.encode("\n<|assistant|>\n" + ARC_PREFILL, dummy_prefix=legacy)
@@ -174,10 +186,11 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True):
     return ids if bos else ids[1:]
 
 
-def arc_prompt_text(q, tok=None):
+def arc_prompt_text(q, tok=None, literal_newlines=False):
     if getattr(tok, "chat_template", None) is not None:
-        return tok.render_text(arc_messages(q), continue_final_message=True)
-    return data.chat_text([{"role": "user", "content": arc_user_message(q)}], add_generation_prompt=True) + ARC_PREFILL
+        return tok.render_text(arc_messages(q, literal_newlines), continue_final_message=True)
+    return data.chat_text([{"role": "user", "content": arc_user_message(q, literal_newlines)}],
+                          add_generation_prompt=True) + ARC_PREFILL
 
 
 def fewshot(pool, k, seed, q, key):
@@ -219,7 +232,7 @@ def truncate_at_stops(text, stops):
 
 def arc_strict(alone, gold):
     """The harness's filter + metric on the new tokens decoded alone (stops applied)."""
-    s = alone[1:] if alone.startswith(" ") else alone
+    s = alone.strip()
     drop = str.maketrans("", "", string.punctuation)
     return s, s.lower().translate(drop) == gold.lower().translate(drop)
 
@@ -264,6 +277,19 @@ def stop_token_ids(tok, stops):
                            if i != tok.eos_id and any(s in tok.decode([i]) for s in stops)]
 
 
+def stop_string_fn(tok, stops):
+    """generate's stop_fn: True once a row's text holds a stop string. An occurrence that the newest
+    token completes spans at most len(stop in bytes) tokens (each holds one of its bytes at least),
+    so decoding that many last tokens finds it; and text found there is in the full text too, which
+    is cut at the first stop anyway: stopping here changes no result."""
+    w = max(len(s.encode()) for s in stops)
+
+    def stop_fn(row, ids):
+        text = tok.text_of(text_ids(tok, ids[-4 * w:])[-w:])
+        return any(s in text for s in stops)
+    return stop_fn
+
+
 def batches(lengths, batch_size):
     """Index batches, longest first: similar lengths share a batch (little padding)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
@@ -271,13 +297,20 @@ def batches(lengths, batch_size):
 
 
 @torch.no_grad()
-def generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress=None):
+def generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress=None, stop_fn=None,
+                 compile=False):
     out = [None] * len(prompts)
     for idx in batches([len(p) for p in prompts], batch_size):
-        for i, g in zip(idx, model.generate([prompts[i] for i in idx], max_new_tokens, stop_ids=stop_ids)):
+        rows = [prompts[i] for i in idx]
+        if compile:   # a short last batch is filled up: one batch shape, one compiled step / CUDA graph
+            rows += [rows[-1]] * (batch_size - len(rows))
+        gens = model.generate(rows, max_new_tokens, stop_ids=stop_ids, stop_fn=stop_fn, compile=compile)
+        for i, g in zip(idx, gens):
             out[i] = list(g)
         if progress is not None:
             progress.update(len(idx))
+    if compile and hasattr(model, "clear_cache"):
+        model.clear_cache()
     return out
 
 
@@ -308,24 +341,37 @@ def max_context(model, reserve):
     return getattr(getattr(model, "args", None), "max_position_embeddings", 1 << 30) - reserve
 
 
+def text_ids(tok, ids):
+    """ids with text: special tokens (<s>, </s>, <unk>, ids past the vocabulary) skipped, as the
+    harness decodes (skip_special_tokens=True)."""
+    sp = getattr(tok, "sp", None)
+    if sp is None:   # tokenizer.json: its special (added) tokens
+        return [t for t in ids if 0 <= t < tok.vocab_size and t not in tok.special_ids]
+    return [t for t in ids if 0 <= t < tok.vocab_size and not (sp.is_control(t) or sp.is_unknown(t))]
+
+
 def decode_gen(tok, gen):
     """(text as it reads after the prompt, leading space kept; the tokens decoded alone, which drops
-    the first piece's leading space: what the harness scores). EOS skipped."""
-    gen = [t for t in gen if t != tok.eos_id]
+    the first piece's leading space: what the harness scores). Special tokens skipped."""
+    gen = text_ids(tok, gen)
     return tok.text_of(gen), tok.decode(gen)
 
 
 # ------------------------------------------------------------------------------------------ tasks
 def run_arc_gen(model, tok, questions, *, batch_size=1, max_new_tokens=100, legacy=True, bos=True,
-                early_stop=True, progress=None, **_):
-    prompts = [arc_gen_prompt(tok, q, legacy, bos)[-max_context(model, max_new_tokens):] for q in questions]
+                early_stop=True, literal_newlines=False, compile=False, progress=None, **_):
+    prompts = [arc_gen_prompt(tok, q, legacy, bos, literal_newlines)[-max_context(model, max_new_tokens):]
+               for q in questions]
     stop_ids = stop_token_ids(tok, ARC_STOPS) if early_stop else [tok.eos_id]
+    stop_fn = stop_string_fn(tok, ARC_STOPS) if early_stop else None
     records = []
-    for q, g in zip(questions, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
+    for q, g in zip(questions, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress,
+                                            stop_fn, compile)):
         text, alone = (truncate_at_stops(t, ARC_STOPS) for t in decode_gen(tok, g))
         gold, letter = LETTERS[q["gold"]], arc_lenient(text, len(q["choices"]))
         response, correct = arc_strict(alone, gold)
-        records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]), "prompt": arc_prompt_text(q, tok),
+        records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]),
+                        "prompt": arc_prompt_text(q, tok, literal_newlines),
                         "generation": text, "response": response, "extracted": letter, "gold": gold,
                         "correct": correct, "lenient_correct": letter == gold, "invalid": letter is None,
                         "new_tokens": len(g)})
@@ -352,13 +398,15 @@ def run_arc_ll(model, tok, questions, *, pool=None, num_fewshot=25, seed=1234, b
 
 
 def run_gsm8k(model, tok, questions, *, pool=None, num_fewshot=5, seed=1234, batch_size=1, max_new_tokens=256,
-              bos=True, early_stop=True, progress=None, **_):
+              bos=True, early_stop=True, compile=False, progress=None, **_):
     contexts = [gsm8k_context(q, fewshot(pool, num_fewshot, seed, q, "question")) for q in questions]
     pre = [tok.bos_id] if bos and getattr(tok, "add_bos", True) else []   # BOS as the tokenizer adds it
     prompts = [(pre + tok.encode(c))[-max_context(model, max_new_tokens):] for c in contexts]
     stop_ids = stop_token_ids(tok, GSM8K_STOPS) if early_stop else [tok.eos_id]
+    stop_fn = stop_string_fn(tok, GSM8K_STOPS) if early_stop else None
+    gens = generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress, stop_fn, compile)
     records = []
-    for q, ctx, g in zip(questions, contexts, generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress)):
+    for q, ctx, g in zip(questions, contexts, gens):
         text = truncate_at_stops(decode_gen(tok, g)[0], GSM8K_STOPS)
         strict, flexible = gsm8k_extract(text)
         pred = normalize_number(strict if strict is not None else flexible)
@@ -448,11 +496,17 @@ def parse_args(argv):
     ap.add_argument("--seed", type=int, default=1234, help="few-shot draws")
     ap.add_argument("--out", default="out/eval")
     ap.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model or a dir (default: DIR's)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no_bos", action="store_true", help="no BOS (harness 0.4's default for HF models)")
+    ap.add_argument("--no_bos", action="store_true",
+                    help="no BOS (the harness with a tokenizer that adds none; Mistral's/Zephyr's add one)")
+    ap.add_argument("--harness_literal_newlines", action="store_true",
+                    help="arc_gen: backslash-n (two characters) where the harness's single-quoted YAML has it")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
     ap.add_argument("--non_legacy", action="store_true", help="template without the '▁' after each EOS")
     args = ap.parse_args(argv)
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     for key, value in DEFAULTS[args.task].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.task == "arc_gen" and args.num_fewshot:
@@ -484,7 +538,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         records = TASKS[args.task](model, tok, mine, pool=pool, num_fewshot=args.num_fewshot, seed=args.seed,
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                   bos=not args.no_bos, legacy=not args.non_legacy, device=device, progress=bar)
+                                   bos=not args.no_bos, legacy=not args.non_legacy, device=device, progress=bar,
+                                   literal_newlines=args.harness_literal_newlines, compile=args.compile)
         bar.close()
     except TaskDataError as e:
         raise SystemExit(f"error: {e}")
@@ -497,7 +552,8 @@ def main(argv=None):
         s = summarize(args.task, records, elapsed)
         s.update({k: getattr(args, k) for k in ("model", "data", "fewshot_data", "num_fewshot", "seed", "limit",
                                                 "batch_size", "max_new_tokens", "dtype")},
-                 world_size=world, device=str(device), bos=not args.no_bos, legacy=not args.non_legacy)
+                 world_size=world, device=str(device), bos=not args.no_bos, legacy=not args.non_legacy,
+                 harness_literal_newlines=args.harness_literal_newlines, compile=args.compile)
         write_atomic(os.path.join(args.out, f"{args.task}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")

@@ -257,6 +257,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False
+        self._gen = None          # generation tables, set by setup_cache
 
     # ---------------------------------------------------------------- helpers
     def init_weights(self, std: float = 0.02, seed: Optional[int] = None):
@@ -284,20 +285,33 @@ class Transformer(nn.Module):
     def set_activation_checkpointing(self, on: bool = True):
         self.grad_checkpointing = on
 
-    def setup_cache(self, batch: int, max_len: int, keep: bool = False) -> int:
-        """One KVCache per layer; returns its length. keep=True (compiled generation) reuses a cache
-        of the same batch that is long enough: same buffers, so no recompile / CUDA-graph re-record."""
+    def setup_cache(self, batch: int, max_len: int, valid=None, keep: bool = False) -> int:
+        """One KVCache per layer, plus this call's tables (gpt-fast style: built once, indexed per
+        step): RoPE cos/sin per position and the [B|1,1,S,S] mask over cache slots (causal, window,
+        and valid [B,<=S]: False = a left-padding slot; None = no padding). Returns the cache length.
+        keep=True (compiled generation) reuses a cache of the same batch that is long enough: same
+        buffers, so no recompile and no CUDA-graph re-record."""
         cache = self.layers[0].self_attn.cache
-        if keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len:
-            return cache.shape[2]
-        dev = self.embed_tokens.weight.device
-        for layer in self.layers:
-            layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dev)
-        return max_len
+        if not (keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len):
+            dev = self.embed_tokens.weight.device
+            for layer in self.layers:
+                layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dev)
+        S, dev = self.layers[0].self_attn.cache.shape[2], self.layers[0].self_attn.cache.device
+        slots = torch.arange(S, device=dev)
+        if valid is not None and valid.shape[1] < S:
+            valid = torch.cat([valid, valid.new_ones(batch, S - valid.shape[1])], 1)
+        cos, sin = rope_cos_sin(slots[None], self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
+        mask = self._allowed(slots, S, valid, dev)
+        if keep:   # one shape (and strides) with or without padding: one compiled step
+            mask = mask.expand(batch, -1, -1, -1).contiguous()
+        self._gen = {"cos": cos[0], "sin": sin[0], "mask": mask,
+                     "padded": valid is not None}
+        return S
 
     def clear_cache(self):
         for layer in self.layers:
             layer.self_attn.cache = None
+        self._gen = None
 
     def _mask(self, q_idx, n_keys, attention_mask, device):
         """Boolean [B|1, 1, Tq, S] mask, or None when plain causal attention is exact (fast path)."""
@@ -305,6 +319,10 @@ class Transformer(nn.Module):
         T = q_idx.numel()
         if attention_mask is None and n_keys == T and (w is None or T <= w):
             return None
+        return self._allowed(q_idx, n_keys, attention_mask, device)
+
+    def _allowed(self, q_idx, n_keys, attention_mask, device):
+        w = self.args.sliding_window
         k_idx = torch.arange(n_keys, device=device)
         allowed = k_idx[None, :] <= q_idx[:, None]               # causal
         if w is not None:
@@ -322,10 +340,11 @@ class Transformer(nn.Module):
                 select=None, return_hidden: bool = False, input_pos=None):
         """input_ids [B,T] or inputs_embeds [B,T,D] -> logits [B,T,V].
         attention_mask [B,T]: 1 = token, 0 = padding (left or right); positions then count tokens only.
-        input_pos [T] (generation, after setup_cache): the cache slots of these tokens; then
-          position_ids [B,T] are required, attention_mask is [B,S] over the cache's S slots (None = all
-          valid), and only the last position's logits come back, [B,1,V]. Generation calls the model
-          this way, through __call__, so FSDP2's root hooks gather embed_tokens / norm / lm_head.
+        input_pos [T] (generation, after setup_cache): the cache slots of these tokens (a prefill
+          starts at slot 0); position_ids [B,T] (RoPE positions) are then required, padding comes
+          from setup_cache's `valid`, and only the last position's logits come back, [B,1,V].
+          Generation calls the model this way, through __call__, so FSDP2's root hooks gather
+          embed_tokens / norm / lm_head.
         mix_ids/mix_lambda: IFT's temporal residual connection, (1-λ)E(ids) + λE(mix_ids), computed
           here so the (possibly FSDP-sharded) embedding table is only touched inside forward.
         select: bool [B,T] -> logits only at those positions, [N,V] (a 32k vocab never materialised
@@ -333,7 +352,9 @@ class Transformer(nn.Module):
         h = inputs_embeds if inputs_embeds is not None else \
             self.embed(input_ids, mix_ids, mix_lambda, freeze_embeddings)
         if input_pos is not None:
-            return self._cached_forward(h, position_ids, input_pos, attention_mask)
+            if attention_mask is not None:
+                raise ValueError("forward: with input_pos, padding is setup_cache's `valid`, not attention_mask")
+            return self._cached_forward(h, position_ids, input_pos)
         B, T = h.shape[:2]
         if attention_mask is not None and position_ids is None \
                 and bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all()):
@@ -348,15 +369,15 @@ class Transformer(nn.Module):
             h = h[select]
         return h if return_hidden else self.lm_head(h)
 
-    def _cached_forward(self, h, position_ids, input_pos, valid):
-        T, S = h.shape[1], self.layers[0].self_attn.cache.shape[2]
-        cos, sin = rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
-        if T > 1:   # prefill from slot 0: queries see keys 0..T-1 (None = plain causal, no padding)
-            mask = self._mask(input_pos, T, None if valid is None else valid[:, :T], h.device)
+    def _cached_forward(self, h, position_ids, input_pos):
+        g, T, w = self._gen, h.shape[1], self.args.sliding_window
+        cos, sin = g["cos"][position_ids], g["sin"][position_ids]
+        if T > 1:   # prefill from slot 0: queries see keys 0..T-1; no padding -> maskless (flash)
+            mask = g["mask"][:, :, :T, :T] if g["padded"] or (w is not None and T > w) else None
         else:       # decode: the whole cache, minus padding, unwritten slots and the window
-            mask = self._mask(input_pos, S, valid, h.device)
+            mask = g["mask"][:, :, input_pos]
         h = self.trunk(h, cos, sin, mask, input_pos)
-        return self.lm_head(h[:, -1:])
+        return self.lm_head(h[:, -1])[:, None]
 
     def embed(self, input_ids, mix_ids=None, mix_lambda=0.0, freeze_embeddings=False):
         W = self.embed_tokens.weight.detach() if freeze_embeddings else self.embed_tokens.weight
@@ -404,18 +425,18 @@ class Transformer(nn.Module):
                   until_all_stop, stop_fn, compile):
         dev = self.embed_tokens.weight.device
         B, P = len(prompts), max(len(p) for p in prompts)
-        # Compiled: round the cache up so nearby prompt lengths share one compiled step / CUDA graph.
-        S = self.setup_cache(B, -(-(P + n_new) // 256) * 256 if compile else P + n_new, keep=compile)
         stop = torch.tensor(stop_ids if stop_ids is not None else [self.args.eos_token_id], device=dev)
         pad = pad_id if pad_id is not None else self.args.eos_token_id
         ids = torch.full((B, P), pad, dtype=torch.long, device=dev)
-        valid = torch.ones(B, S, dtype=torch.bool, device=dev)   # generated slots are valid too
+        valid = torch.ones(B, P, dtype=torch.bool, device=dev)   # False = a left-padding slot
         for b, p in enumerate(prompts):
             ids[b, P - len(p):] = torch.tensor(p, device=dev)
             valid[b, :P - len(p)] = False
         valid = valid if any(len(p) < P for p in prompts) else None   # no padding: maskless prefill
         pos = torch.arange(P, device=dev)[None].expand(B, P) if valid is None else \
-            (valid[:, :P].long().cumsum(-1) - 1).clamp(min=0)
+            (valid.long().cumsum(-1) - 1).clamp(min=0)
+        # Compiled: round the cache up so nearby prompt lengths share one compiled step / CUDA graph.
+        S = self.setup_cache(B, -(-(P + n_new) // 256) * 256 if compile else P + n_new, valid, keep=compile)
         slots = torch.arange(S, device=dev)
         gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None and row_seeds is None else None
         row_gens = [torch.Generator(device=dev).manual_seed(int(s)) for s in row_seeds] \
@@ -424,7 +445,7 @@ class Transformer(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         out, alive, hist = [], [], [[] for _ in range(B)]
         try:
-            logits = self(ids, position_ids=pos, input_pos=slots[:P], attention_mask=valid)[:, -1]
+            logits = self(ids, position_ids=pos, input_pos=slots[:P])[:, -1]
             next_pos = pos[:, -1:] + 1
             for i in range(n_new):
                 tok = sample(logits.float(), temperature, top_k, top_p, gen, row_gens)
@@ -441,8 +462,9 @@ class Transformer(nn.Module):
                     done = done | torch.tensor(hit, device=dev)
                 if (until_all_stop and bool(done.all())) or i == n_new - 1:
                     break
-                # clone: under CUDA graphs the step's output buffer is overwritten by the next replay
-                logits = step(self, tok[:, None], next_pos, slots[P + i:P + i + 1], valid).clone()
+                logits = step(self, tok[:, None], next_pos, slots[P + i:P + i + 1])
+                if compile:   # under CUDA graphs the output buffer is overwritten by the next replay
+                    logits = logits.clone()
                 next_pos = next_pos + 1
         finally:
             if not compile:
@@ -503,10 +525,10 @@ class Transformer(nn.Module):
                                                       dtype, max_shard_bytes, extra_files))
 
 
-def _step(model, tok, position_ids, input_pos, valid):
-    """One decode step through forward: fixed shapes ([B,1] token, [1] slot, [B,S] mask), which is
-    what makes it compilable and CUDA-graph capturable."""
-    return model(tok, position_ids=position_ids, input_pos=input_pos, attention_mask=valid)[:, -1]
+def _step(model, tok, position_ids, input_pos):
+    """One decode step through forward: fixed shapes ([B,1] token and positions, [1] slot), which
+    is what makes it compilable and CUDA-graph capturable."""
+    return model(tok, position_ids=position_ids, input_pos=input_pos)[:, -1]
 
 
 _COMPILED = {}

@@ -240,7 +240,9 @@ def test_encode_pair_follows_the_harness(tok):
     (" C because copper", False, "C"),
     (" (C)", True, "C"),             # punctuation ignored
     (" c", True, None),              # case ignored (strict); the lenient letter must be a capital
-    ("\nC", False, "C"),             # only a space is stripped
+    ("\nC", True, "C"),              # the harness's filter strips all leading/trailing whitespace
+    ("  C", True, "C"),
+    ("C\n", True, "C"),
     (" none of these", False, None),
     (" E", False, None),             # E is not a choice of this 4-choice question
     (" A. Then C.", False, "A"),
@@ -440,3 +442,87 @@ def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path):
     assert _fields(a) == _fields(b) and len(a) == 4
     assert json.load(open(os.path.join(two, "arc_gen_summary.json")))["world_size"] == 2
     assert r.stdout.count("arc_gen: accuracy=") == 1                  # rank 0 alone reports
+
+
+# ------------------------------------------------------------------- harness parity, stop strings
+def test_harness_literal_newlines_is_the_yaml_prompt_byte_for_byte(tok, ckpt, tmp_path):
+    """arc_challenge_chat.yaml's doc_to_text is single-quoted: its six "\\n" reach the model as a
+    backslash and an "n". Hand-written from the YAML for the 4-choice fixture question."""
+    q = E.load_task("arc_gen", AI2)[0]
+    literal = ('Given the following question and four candidate answers (A, B, C and D), choose the best answer.\\n'
+               'Question: Which object is the best conductor of electricity?\\n'
+               'A. a wooden spoon\\nB. a rubber band\\nC. a copper wire\\nD. a paper cup\\n'
+               'Your response should end with "The best answer is [the_answer_letter]" where the '
+               '[the_answer_letter] is one of A, B, C or D.')
+    assert literal.count("\\n") == 6 and "\n" not in literal
+    assert E.arc_user_message(q, literal_newlines=True) == literal
+    assert E.arc_user_message(q) == HARNESS_4                     # default: real newlines
+    ids = E.arc_gen_prompt(tok, q, literal_newlines=True)
+    assert tok.decode(ids).count("\\n") == 6 and ids != E.arc_gen_prompt(tok, q)
+    out = str(tmp_path / "out")
+    E.main(["--model", ckpt, "--task", "arc_gen", "--data", AI2, "--limit", "1", "--max_new_tokens", "2",
+            "--out", out, "--harness_literal_newlines"])
+    (r,) = [json.loads(x) for x in open(os.path.join(out, "arc_gen.jsonl"))]
+    assert literal in r["prompt"]
+    assert json.load(open(os.path.join(out, "arc_gen_summary.json")))["harness_literal_newlines"] is True
+
+
+class IdsStub(StubModel):
+    """Continues every prompt with fixed token ids (special tokens included)."""
+
+    def generate(self, prompts, max_new_tokens, *, stop_ids=None, **kw):
+        self.calls.append((len(prompts), list(stop_ids)))
+        return [list(self.replies) for _ in prompts]
+
+
+def test_gsm8k_decodes_with_special_tokens_skipped(tok):
+    q = E.load_task("gsm8k", GSM)[:1]                             # gold 12
+    ids = tok.encode("so #### 1") + [tok.bos_id] + tok.encode("2", dummy_prefix=False)
+    (r,) = E.run_gsm8k(IdsStub(tok, ids), tok, q, num_fewshot=0)
+    assert r["generation"] == " so #### 12" and r["extracted"] == "12" and r["correct"]
+    assert E.decode_gen(tok, [tok.unk_id] + tok.encode("A"))[0] == " A"
+
+
+def test_default_dtype_is_bf16_on_cuda_fp32_on_cpu():
+    base = ["--model", "m", "--task", "arc_gen", "--data", "d"]
+    assert E.parse_args(base + ["--device", "cuda"]).dtype == "bfloat16"
+    assert E.parse_args(base + ["--device", "cpu"]).dtype == "float32"
+    assert E.parse_args(base + ["--device", "cuda", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_compiled_generation_fills_up_the_last_batch(tok):
+    qs = E.load_task("arc_gen", AI2)                              # 5 questions, batch 2: 2 + 2 + 1
+    stub = StubModel(tok, " C.")
+    recs = E.run_arc_gen(stub, tok, qs, batch_size=2, compile=True)
+    assert [c[0] for c in stub.calls] == [2, 2, 2] and len(recs) == 5
+    assert all(r["response"] == "C" for r in recs)
+
+
+def _tokens_to_first_stop(tok, gen, stops):
+    return next((n for n in range(1, len(gen) + 1) if any(s in E.decode_gen(tok, gen[:n])[0] for s in stops)), len(gen))
+
+
+def test_stop_strings_end_rows_early_and_change_no_result(tok):
+    """"\\n\\n" is two byte tokens here and "Question:" several: no single stop id can end a row on
+    them; the stop-string check does, exactly where the text first holds one."""
+    m = tiny_model(tok, seed=3, std=0.5, dtype=torch.float64)
+    nl = tok.encode("\n", dummy_prefix=False)
+    assert len(nl) == 1 and tok.encode("\n\n", dummy_prefix=False) == nl * 2
+    with torch.no_grad():
+        m.lm_head.weight[nl[0]] *= 3.0                            # newlines likely, not certain
+    qs = E.load_task("arc_gen", AI2) + E.load_task("arc_gen", HF)
+    for i, q in enumerate(qs):
+        q["idx"] = i
+    early = E.run_arc_gen(m, tok, qs, batch_size=4, max_new_tokens=24)
+    full = E.run_arc_gen(m, tok, qs, batch_size=4, max_new_tokens=24, early_stop=False)
+    assert _fields(early) == _fields(full)
+    prompts = [E.arc_gen_prompt(tok, q) for q in qs]
+    gens = [m.generate([p], 24, stop_ids=[tok.eos_id])[0] for p in prompts]
+    want = [_tokens_to_first_stop(tok, g, E.ARC_STOPS) for g in gens]
+    assert [r["new_tokens"] for r in early] == want
+    assert any("\n\n" in E.decode_gen(tok, g[:n])[0] and "." not in E.decode_gen(tok, g[:n])[0]
+               for g, n in zip(gens, want))                       # a row ended by the two-token stop
+    gq = E.load_task("gsm8k", GSM)
+    g_early = E.run_gsm8k(m, tok, gq, num_fewshot=0, batch_size=3, max_new_tokens=12)
+    g_full = E.run_gsm8k(m, tok, gq, num_fewshot=0, batch_size=3, max_new_tokens=12, early_stop=False)
+    assert _fields(g_early) == _fields(g_full)
