@@ -167,7 +167,11 @@ def sec_env(r):
            "device": str(d), "cpu_count": os.cpu_count(), "free_gib": free_bytes(d) / GiB}
     if r.cuda:
         p = torch.cuda.get_device_properties(d)
-        nccl = torch.cuda.nccl.version() if hasattr(torch.cuda, "nccl") else None
+        try:
+            from torch.cuda import nccl as _nccl
+            nccl = _nccl.version()
+        except Exception as e:      # recorded, not fatal: the torchrun section tests NCCL for real
+            nccl = f"unknown ({type(e).__name__})"
         out.update(name=p.name, capability=f"{p.major}.{p.minor}", total_gib=p.total_memory / GiB,
                    cudnn=torch.backends.cudnn.version(),
                    nccl=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl)
@@ -573,6 +577,9 @@ def sec_generate(r):
     elif r.tiny:
         modes, out["compiled"] = modes[:1], "not measured in tiny mode (CPU compile time would dominate)"
     for mode, kw in modes:
+        if mode == "compiled" and r.left() < 150:
+            out["compiled"] = f"skipped: {r.left():.0f} s of budget left, compiling a 7B decode takes minutes"
+            break
         for B in (1, 16):
             if r.left() < (0 if r.tiny else 30):
                 out["decode"].append({"mode": mode, "batch": B, "status": "skipped", "reason": "budget"})
@@ -755,6 +762,9 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    # Before the first CUDA allocation: growable segments, so the training configurations (different batch
+    # shapes one after the other on a nearly full GPU) do not fail on fragmentation. Children inherit it.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     dev = torch.device(a.device or ("cuda" if torch.cuda.is_available() and not a.tiny else "cpu"))
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
@@ -764,6 +774,7 @@ def main(argv=None):
             jobs=a.jobs or (1 if a.tiny else max(1, min(8, (os.cpu_count() or 2) // 2))))
     report = {"command": "python bench.py --gpu " + " ".join(argv), "started": time.strftime("%Y-%m-%d %H:%M:%S UTC",
               time.gmtime()), "device": str(dev), "tiny": a.tiny, "budget_s": a.budget_s, "torch": torch.__version__,
+              "PYTORCH_CUDA_ALLOC_CONF": os.environ["PYTORCH_CUDA_ALLOC_CONF"],
               "sections": {}}
     log(r, f"{report['command']} | device {dev} | torch {torch.__version__} | budget {a.budget_s:.0f} s -> {a.out}")
     run_sections(r, SECTIONS, report, save=lambda rep: write_json(a.out, rep),
