@@ -382,8 +382,9 @@ def _measure_train(r, model, opt, obj, rows, T):
     flops = model.flops_per_token(T) * tok_s            # model FLOPs/s on the 6N(+attention) convention
     # Hardware FLOPs also count IFT's no-grad first pass and checkpointing's recomputed forward (+1/3 each).
     hw = flops * (1 + (obj == "ift") / 3 + model.grad_checkpointing / 3)
-    return {"loss": float(loss), "fwd_bwd_s": fb, "opt_s": op, "step_s": fb + op, "tok_s": tok_s,
-            "model_tflops": flops / 1e12, "mfu_vs_measured": flops / (r.env["matmul_tflops"] * 1e12),
+    ceiling = r.env.get("matmul_tflops")            # absent only when the env section itself failed
+    return {"loss": float(loss.detach()), "fwd_bwd_s": fb, "opt_s": op, "step_s": fb + op, "tok_s": tok_s,
+            "model_tflops": flops / 1e12, "mfu_vs_measured": flops / (ceiling * 1e12) if ceiling else None,
             "mfu_vs_989": flops / H100_H200_BF16_PEAK if r.cuda else None,
             "hfu_vs_989": hw / H100_H200_BF16_PEAK if r.cuda else None,
             "peak_gib": torch.cuda.max_memory_allocated(dev) / GiB if r.cuda else None}
@@ -478,6 +479,15 @@ def torchrun_matrix(tiny):
             for loss, onp in [(l, False) for l in OFFLINE] + [(l, True) for l in ONPOLICY]]
 
 
+def _worker_tail(err, n=2500):
+    """The end of the worker's own output: torchrun's launcher appends ~1.5 kB of ChildFailedError
+    boilerplate after the worker's traceback, which would push the real error out of a plain tail."""
+    cut = err.find("torch/distributed/elastic/multiprocessing/api.py")
+    if cut > 0:
+        err = err[:err.rfind("\n", 0, cut) + 1]
+    return err[-n:]
+
+
 def _torchrun_one(r, par, loss, onp, tok, work, timeout):
     out_dir = tempfile.mkdtemp(dir=work, prefix=f"{par}-{loss}-")
     args = TORCHRUN_SHAPE + [f"--tokenizer={tok}", f"--out_dir={out_dir}", f"--loss={loss}", f"--parallel={par}"] \
@@ -497,10 +507,10 @@ def _torchrun_one(r, par, loss, onp, tok, work, timeout):
         rec.update(status="ok" if ok else "failed", returncode=p.returncode,
                    final_train_loss=summary and summary.get("final_train_loss"))
         if not ok:
-            rec["stderr_tail"] = (p.stderr or p.stdout)[-2000:]
+            rec["stderr_tail"] = _worker_tail(p.stderr or p.stdout)
     except subprocess.TimeoutExpired as e:
         rec.update(status="failed", seconds=time.perf_counter() - t, error=f"timed out after {timeout:.0f} s",
-                   stderr_tail=(e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or "")[-2000:])
+                   stderr_tail=_worker_tail(e.stderr.decode() if isinstance(e.stderr, bytes) else e.stderr or ""))
     shutil.rmtree(out_dir, ignore_errors=True)
     return rec
 
@@ -594,10 +604,11 @@ def sec_generate(r):
                 t1 = timeit(lambda: model.generate(prompts, 1, stop_ids=[], **kw), dev, warmup=0, reps=3)
                 tn = timeit(lambda: model.generate(prompts, n_new, stop_ids=[], **kw), dev, warmup=0, reps=2)
                 tok_s = B * (n_new - 1) / (tn - t1)         # decode only: the prefill + first token subtracted
-                bound = B * r.env["copy_gb_s"] * 1e9 / wbytes
+                bound = B * r.env["copy_gb_s"] * 1e9 / wbytes if r.env.get("copy_gb_s") else None
                 rec.update(status="ok", decode_tok_s=tok_s, ms_per_step=(tn - t1) / (n_new - 1) * 1e3,
-                           bound_tok_s=bound, fraction_of_bound=tok_s / bound)
-                log(r, f"generate {mode} B={B}: {tok_s:.0f} tok/s ({tok_s / bound:.0%} of the bandwidth bound)")
+                           bound_tok_s=bound, fraction_of_bound=tok_s / bound if bound else None)
+                log(r, f"generate {mode} B={B}: {tok_s:.0f} tok/s ({_f(bound and tok_s / bound, '.0%')} of the "
+                       f"bandwidth bound)")
             except Exception as e:
                 rec.update(status="failed", error=f"{type(e).__name__}: {e}")
                 out["failures"].append(f"decode {mode} B={B}: {type(e).__name__}")
@@ -608,7 +619,7 @@ def sec_generate(r):
     out["prefill"] = {"batch": B, "prompt_len": Pl, "tok_s": B * Pl / t,
                       "tflops": 2 * model.num_params(exclude_embedding=True) * B * Pl / t / 1e12}
     best = {(d["mode"], d["batch"]): d for d in out["decode"] if d.get("status") == "ok"}
-    out["headline"] = ", ".join(f"{m} B={b} {d['decode_tok_s']:.0f} tok/s ({d['fraction_of_bound']:.0%} of bound)"
+    out["headline"] = ", ".join(f"{m} B={b} {d['decode_tok_s']:.0f} tok/s ({_f(d['fraction_of_bound'], '.0%')} of bound)"
                                 for (m, b), d in best.items()) + f"; prefill {out['prefill']['tok_s']:.0f} tok/s"
     return out
 
