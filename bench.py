@@ -191,6 +191,9 @@ def bench_eval():
 
 
 def main():
+    if "--gpu" in sys.argv[1:]:        # the GPU benchmark is its own module: python bench.py --gpu [--tiny] [--budget_s=N]
+        import bench_gpu
+        return bench_gpu.main([a for a in sys.argv[1:] if a != "--gpu"])
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="model,ift,train,eval")
     ap.add_argument("--threads", type=int, default=2)
