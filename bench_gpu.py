@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+import flags
 import ift
 from model import ModelArgs, Transformer
 
@@ -754,7 +755,7 @@ def markdown(report):
 
 def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="every section on CPU with tiny shapes (< 1 min)")
+    flags.add_bool(ap, "--tiny", help="every section on CPU with tiny shapes (< 1 min)")
     ap.add_argument("--budget_s", type=float, default=480.0, help="sections that would start later are skipped")
     ap.add_argument("--out", default=os.path.join("out", "bench_gpu.json"))
     ap.add_argument("--device", default=None, help="default: cuda when available (cpu with --tiny)")

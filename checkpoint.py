@@ -95,9 +95,9 @@ QUIET = {"resume", "overwrite", "eval_only", "dry_run", "out_dir", "progress", "
 def resume_warnings(state: dict, cfg, data_fp: str) -> list:
     """What a resumed run does differently from the run that wrote the checkpoint (learning rate, steps, ...)."""
     now, saved = dataclasses.asdict(cfg), state.get("config", {})
-    out = [f"resuming with changed settings: " + ", ".join(f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
-                                                          if k in saved and k not in QUIET and saved[k] != now[k])]
-    out = out if out[0] != "resuming with changed settings: " else []
+    changed = [f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(now)
+               if k in saved and k not in QUIET and saved[k] != now[k]]
+    out = ["resuming with changed settings: " + ", ".join(changed)] if changed else []
     if state.get("data_fingerprint") != data_fp:
         out.append(f"the data differ from the checkpoint's (fingerprint {data_fp} vs {state.get('data_fingerprint')}): "
                    f"the resumed run will not replay the same batches")
@@ -114,3 +114,18 @@ def clear_run(out_dir):
             shutil.rmtree(p)
         elif os.path.exists(p):
             os.remove(p)
+
+
+def resolve_model(path):
+    """A checkpoint directory to load: `path` itself (it has a config.json), or the newest complete checkpoint
+    of the run directory `path` (e.g. `out`). Anything else is a CheckpointError naming what is missing."""
+    from model import CheckpointError
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such directory (a checkpoint dir with config.json, or a run's out_dir)")
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return path
+    found = list_checkpoints(path)
+    if not found:
+        raise CheckpointError(f"{path}: neither a checkpoint (no config.json) nor a run directory (no ckpt-*)")
+    print(f"{path} is a run directory: using its newest checkpoint {found[-1]}")
+    return found[-1]

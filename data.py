@@ -875,6 +875,7 @@ def show(tok, ids, labels):
 
 
 def main(argv=None):
+    import flags
     ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (the "
                                  "tokenizer's chat template, or Zephyr; supervised spans between ⟦ ⟧; "
                                  "preference rows: the chosen side).")
@@ -883,9 +884,9 @@ def main(argv=None):
                     "or a comma-separated mixture of them, each optionally PATH:N (its first N rows)")
     ap.add_argument("--split", default="", help="split of a directory of shards (e.g. train_sft)")
     ap.add_argument("--index", type=int, default=0, help="row number, from 0")
-    ap.add_argument("--json", action="store_true", help='print {"input_ids": [...], "labels": [...]}')
-    ap.add_argument("--last_turn_only", action="store_true", help="supervise only the last assistant turn")
-    ap.add_argument("--non_legacy", action="store_true", help="no dummy-prefix space after each EOS")
+    flags.add_bool(ap, "--json", help='print {"input_ids": [...], "labels": [...]}')
+    flags.add_bool(ap, "--last_turn_only", help="supervise only the last assistant turn")
+    flags.add_bool(ap, "--non_legacy", help="no dummy-prefix space after each EOS")
     a = ap.parse_args(argv)
     try:
         tok, rows = load_tokenizer(a.tokenizer), read_source(a.data, a.split)[0]

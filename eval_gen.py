@@ -80,6 +80,8 @@ import time
 import torch
 
 import data
+import flags
+from checkpoint import resolve_model
 from model import CheckpointError, Transformer
 
 LETTERS = "ABCDE"
@@ -463,6 +465,9 @@ def write_atomic(path, text):
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would hide results from colleagues
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
@@ -488,24 +493,26 @@ def parse_args(argv):
     ap.add_argument("--fewshot_data", help="few-shot pool (a train split) for arc_ll and gsm8k")
     ap.add_argument("--split", default="", help="split of a --data directory of shards (e.g. test)")
     ap.add_argument("--fewshot_split", default="", help="split of a --fewshot_data directory (e.g. train)")
-    ap.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+    flags.add_bool(ap, "--debug", help="tracebacks for user errors too")
     ap.add_argument("--num_fewshot", type=int, help="default: arc_gen 0, arc_ll 25, gsm8k 5")
     ap.add_argument("--limit", type=int, help="the first N questions only")
     ap.add_argument("--batch_size", type=int, default=16)
     ap.add_argument("--max_new_tokens", type=int, help="default: arc_gen 100, gsm8k 256")
     ap.add_argument("--seed", type=int, default=1234, help="few-shot draws")
-    ap.add_argument("--out", default="out/eval")
+    ap.add_argument("--out", help="output directory (default: DIR/eval, beside the evaluated checkpoint)")
     ap.add_argument("--tokenizer", help="tokenizer.json, tokenizer.model or a dir (default: DIR's)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--no_bos", action="store_true",
-                    help="no BOS (the harness with a tokenizer that adds none; Mistral's/Zephyr's add one)")
-    ap.add_argument("--harness_literal_newlines", action="store_true",
-                    help="arc_gen: backslash-n (two characters) where the harness's single-quoted YAML has it")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the decode step (CUDA graphs on CUDA)")
-    ap.add_argument("--non_legacy", action="store_true", help="template without the '▁' after each EOS")
+    flags.add_bool(ap, "--no_bos",
+                   help="no BOS (the harness with a tokenizer that adds none; Mistral's/Zephyr's add one)")
+    flags.add_bool(ap, "--harness_literal_newlines",
+                   help="arc_gen: backslash-n (two characters) where the harness's single-quoted YAML has it")
+    flags.add_bool(ap, "--compile", help="torch.compile the decode step (CUDA graphs on CUDA)")
+    flags.add_bool(ap, "--non_legacy", help="template without the '▁' after each EOS")
     args = ap.parse_args(argv)
+    args.model = resolve_model(args.model)     # a run directory means its newest checkpoint
+    args.out = args.out or os.path.join(args.model, "eval")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     for key, value in DEFAULTS[args.task].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))

@@ -198,7 +198,11 @@ def load_data(cfg, rank):
             os.makedirs(cfg.out_dir, exist_ok=True)
             text = data.corpus_text(rows if not cfg.data else [r for _, r in data.read_source(cfg.data, cfg.split)[0]])
             print(f"training a {cfg.vocab_size}-piece sentencepiece tokenizer on the training text -> {tok_path}")
-            data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+            try:
+                data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+            except RuntimeError as e:   # sentencepiece's own words, e.g. a vocabulary smaller than the characters
+                sys.exit(f"error: cannot train a {cfg.vocab_size}-piece tokenizer on {cfg.data or 'the demo data'} "
+                         f"(--vocab_size; its 256 byte pieces come first): {str(e).splitlines()[-1]}")
         parallel.barrier()
     try:
         tok = data.load_tokenizer(tok_path)
@@ -249,6 +253,8 @@ def dry_run(cfg):
     """--dry_run: the config, the data (per source), its fingerprint and the batch plan of a run with
     WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if cfg.init_from:
+        cfg.init_from = checkpoint.resolve_model(cfg.init_from)
     tok, train_ex, eval_ex, _ = load_data(cfg, 0)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
@@ -441,6 +447,8 @@ def train(cfg, rank, local, world, distributed):
     # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     torch.manual_seed(cfg.seed)
+    if cfg.init_from:   # a run's out_dir means its newest checkpoint
+        cfg.init_from = parallel.broadcast_object(checkpoint.resolve_model(cfg.init_from) if rank == 0 else None)
     if not cfg.eval_only:
         guard_out_dir(cfg, rank)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
