@@ -131,7 +131,7 @@ def parse_config(argv) -> Config:
             _set(cfg, k, v, args["config"])
     for k, v in args.items():
         _set(cfg, k, v, "command line")
-    for key, allowed in (("loss", ("sft", "ift") + PAIRWISE + ("rwr", "reinforce")), ("ref", ("precompute", "online")),
+    for key, allowed in (("loss", ("sft", "ift", "dft") + PAIRWISE + ("rwr", "reinforce")), ("ref", ("precompute", "online")),
                          ("optimizer", ("adamw", "rmsprop")), ("schedule", ("cosine", "linear", "constant")),
                          ("parallel", ("ddp", "fsdp")), ("sampling", ("onpolicy", "offline")), ("precision", ("auto", "bf16", "fp32")),
                          ("prop_side", ("left", "right")), ("prop_kind", ("loss", "logps", "mask")),
@@ -292,6 +292,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
     """(loss, metrics) for one micro-batch; ref_logps [2B] (+ KL rows) for DPO/IPO/KTO."""
     if cfg.loss == "sft":
         return ift.sft_loss(model, batch, token_mean=cfg.sft_token_mean)
+    if cfg.loss == "dft":
+        return ift.dft_loss(model, batch, token_mean=cfg.sft_token_mean)
     if cfg.loss == "ift":
         return ift.ift_loss(model, batch, lam=lam, gamma=cfg.gamma, kind=cfg.prop_kind, side=cfg.prop_side,
                             norm=cfg.prop_norm, detach_weights=cfg.detach_weights,
