@@ -301,7 +301,7 @@ def report(res, cfg):
 # ----------------------------------------------------------------------------- sweep over the unpublished choices
 
 PAPER_ORDER = ("DPO", "IFT", "ORPO", "SFT")   # closest to theta* first
-SWEEP = {"starts": ("random", "perturbed"), "lrs": (1e-3, 1e-2, 3e-2), "steps": (25, 100, 300), "seeds": 5,
+SWEEP = {"starts": ("random", "perturbed"), "lrs": (1e-3, 1e-2, 3e-2), "steps": (25, 100, 200), "seeds": 5,
          "distill_steps": 1000, "distill_lr": 1e-2}
 SWEEP_QUICK = {"starts": ("random", "perturbed"), "lrs": (1e-2,), "steps": (2, 5), "seeds": 2,
                "distill_steps": 20, "distill_lr": 1e-2}

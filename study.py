@@ -42,8 +42,8 @@ import train
 class Config:
     seeds: int = 8                  # seeds seed0 .. seed0 + seeds - 1
     seed0: int = 0
-    steps: int = 300                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
-    n_train: int = 4800             # synthetic training rows per seed
+    steps: int = 150                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
+    n_train: int = 2400             # synthetic training rows per seed (2 epochs of 150 x 32)
     n_heldout: int = 500            # unseen prompts scored per run (NLL and exact match)
     micro_batch_size: int = 32
     lr: float = 1e-3                # train.py's default, the same for every arm (no tuning)
@@ -54,7 +54,7 @@ class Config:
     hidden_dim: int = 344
     vocab_size: int = 512
     arms: str = ""                  # comma-separated subset of ARMS (default: all)
-    workers: int = 1                # runs at a time (processes); 1 = in this process
+    workers: int = 2                # runs at a time (processes); 1 = in this process
     threads: int = 1                # torch threads per run
     frozen_lake: bool = True        # also run the Frozen Lake sweep
     out_dir: str = "runs/study"
