@@ -42,8 +42,8 @@ import train
 class Config:
     seeds: int = 8                  # seeds seed0 .. seed0 + seeds - 1
     seed0: int = 0
-    steps: int = 150                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
-    n_train: int = 2400             # synthetic training rows per seed (2 epochs of 150 x 32)
+    steps: int = 100                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
+    n_train: int = 1600             # synthetic training rows per seed (2 epochs of 100 x 32)
     n_heldout: int = 500            # unseen prompts scored per run (NLL and exact match)
     micro_batch_size: int = 32
     lr: float = 1e-3                # train.py's default, the same for every arm (no tuning)
@@ -62,8 +62,8 @@ class Config:
     quick: bool = False
 
 
-QUICK = dict(seeds=2, steps=3, n_train=96, n_heldout=8, micro_batch_size=8, dim=32, n_layers=1, n_heads=2,
-             n_kv_heads=1, hidden_dim=64, vocab_size=320)
+QUICK = dict(workers=1, seeds=2, steps=3, n_train=96, n_heldout=8, micro_batch_size=8, dim=32, n_layers=1,
+             n_heads=2, n_kv_heads=1, hidden_dim=64, vocab_size=320)
 
 # name -> (train.py arguments, step multiplier)
 ARMS = {
