@@ -23,14 +23,14 @@ greedy guesses), DPO, IPO, REINFORCE; offline vs on-policy at equal steps and lr
     python bandit.py --seq --quick      # the sequence bandit at test size (~10 s)
     python bandit.py --plot             # + bandit.png (needs matplotlib)
 """
-import argparse
 import copy
 import math
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
+import flags
 import ift
 from model import ModelArgs, Transformer
 
@@ -363,13 +363,7 @@ def plot(cfg, curves, r2):
 
 
 def parse(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(Config):
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    cfg = Config(**vars(p.parse_args(argv)))
+    cfg = flags.parse_dataclass(Config, argv, __doc__.split("\n\n")[0])
     if cfg.quick:   # test size for the sequence bandit
         cfg.seq_steps, cfg.seq_seeds, cfg.seq_prompts = 20, 2, 4
     return cfg

@@ -21,15 +21,16 @@ optimal actions get ift.py's relation-propagation weighting.
 
     python frozen_lake.py                 # table, 5 seeds, a few seconds
     python frozen_lake.py --plot          # + frozen_lake.png (curves, greedy paths); needs matplotlib
+    python frozen_lake.py --sweep         # the choices the paper leaves open: start, lr, steps, metric
 """
-import argparse
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import flags
 import ift
 
 # S start, . frozen, H hole, G goal. Optimal (6 moves): R R R R D D along the top. Sub-optimal (10 moves):
@@ -61,7 +62,11 @@ class Config:
     beta_orpo: float = 0.25
     beta_simpo: float = 2.0
     discount: float = 0.9         # value iteration
+    start: str = "random"         # theta0: random (a fresh init) | perturbed (theta* + noise)
+    perturb: float = 0.5          # perturbed start: noise std, in units of each layer's init bound 1/sqrt(fan_in)
+    distill_lr: float = 0.0       # lr of the distillation into theta*; 0 = lr
     plot: bool = False
+    sweep: bool = False
     out: str = "frozen_lake.png"
 
 # ----------------------------------------------------------------------------- environment
@@ -224,6 +229,23 @@ def finetune(method, theta0, star, data, cfg, n_states, live):
     return net, curve
 
 
+def start_policy(cfg, star, n_states, seed):
+    """theta0: the seed's random init (the one theta* was distilled from), or theta* plus Gaussian noise of
+    std perturb / sqrt(fan_in) per layer (drawn from its own generator)."""
+    net = make_policy(n_states, cfg.hidden, seed)
+    if cfg.start == "random":
+        return net
+    if cfg.start != "perturbed":
+        raise ValueError(f"start must be 'random' or 'perturbed', got {cfg.start!r}")
+    net.load_state_dict(star.state_dict())
+    g = torch.Generator().manual_seed(10_000 + seed)
+    with torch.no_grad():
+        for layer in (net[0], net[2]):
+            for p in (layer.weight, layer.bias):
+                p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * cfg.perturb / layer.in_features ** 0.5)
+    return net
+
+
 def run(cfg: Config, methods=METHODS):
     """All methods x seeds. Returns {method: {"table": [per seed], "param": [...], "curves": [...],
     "paths": [...], "optimal_path": [bool per seed]}} and the distilled nets per seed."""
@@ -237,10 +259,10 @@ def run(cfg: Config, methods=METHODS):
     res = {m: {"table": [], "param": [], "curves": [], "paths": [], "optimal_path": []} for m in methods}
     stars = []
     for seed in range(cfg.seeds):
-        theta0 = make_policy(n_states, cfg.hidden, seed)
-        star = make_policy(n_states, cfg.hidden, seed)        # same init, then distilled
-        distill(star, pi_star, cfg.distill_steps, cfg.lr)
+        star = make_policy(n_states, cfg.hidden, seed)        # theta0's random init, then distilled
+        distill(star, pi_star, cfg.distill_steps, cfg.distill_lr or cfg.lr)
         stars.append(star)
+        theta0 = start_policy(cfg, star, n_states, seed)
         for m in methods:
             net, curve = finetune(m, theta0, star, data, cfg, n_states, live)
             path, _ = greedy_path(lambda s: net(F.one_hot(torch.tensor(s), n_states).double()).argmax())
@@ -274,6 +296,58 @@ def report(res, cfg):
         order = sorted(res, key=lambda m: sum(c[k][0] for c in res[m]["curves"]))
         print(f"  at step {k:>4}, by table MSE: {' > '.join(order)}")
     print("paper (Hua et al. 2025, §5.3): DPO > IFT > ORPO > SFT")
+
+
+# ----------------------------------------------------------------------------- sweep over the unpublished choices
+
+PAPER_ORDER = ("DPO", "IFT", "ORPO", "SFT")   # closest to theta* first
+SWEEP = {"starts": ("random", "perturbed"), "lrs": (1e-3, 1e-2, 3e-2), "steps": (25, 100, 200), "seeds": 5,
+         "distill_steps": 1000, "distill_lr": 1e-2}
+SWEEP_QUICK = {"starts": ("random", "perturbed"), "lrs": (1e-2,), "steps": (2, 5), "seeds": 2,
+               "distill_steps": 20, "distill_lr": 1e-2}
+
+
+def sweep(spec=SWEEP, methods=METHODS):
+    """Every (start, lr, steps, metric): the order of the seed-mean distances, whether the paper's
+    DPO > IFT > ORPO > SFT holds for the means and in how many seeds, and in how many seeds SFT is closer
+    than IFT. One run per (start, lr) at the largest step count: Adam at a constant lr, so the distance
+    after k steps of it is the distance a k-step run ends at. theta* is distilled at one fixed lr."""
+    rows = []
+    for start in spec["starts"]:
+        for lr in spec["lrs"]:
+            cfg = Config(seeds=spec["seeds"], steps=max(spec["steps"]), lr=lr, start=start,
+                         distill_steps=spec["distill_steps"], distill_lr=spec["distill_lr"])
+            res, _ = run(cfg, methods)
+            for k in spec["steps"]:
+                for i, metric in enumerate(("table", "param")):
+                    d = {m: [c[k][i] for c in res[m]["curves"]] for m in methods}
+                    mean = {m: sum(v) / len(v) for m, v in d.items()}
+                    holds = lambda x: all(x[a] < x[b] for a, b in zip(PAPER_ORDER, PAPER_ORDER[1:]))  # noqa: E731
+                    rows.append({"start": start, "lr": lr, "steps": k, "metric": metric, "mean": mean,
+                                 "order": sorted(methods, key=mean.get), "paper_order": holds(mean),
+                                 "paper_order_seeds": sum(holds({m: d[m][s] for m in methods}) for s in range(cfg.seeds)),
+                                 "sft_closer_than_ift_seeds": sum(a < b for a, b in zip(d["SFT"], d["IFT"])),
+                                 "seeds": cfg.seeds})
+    return rows
+
+
+def sweep_markdown(rows):
+    n = rows[0]["seeds"] if rows else 0
+    out = [f"**Frozen Lake sweep** ({n} seeds per setting; order = seed-mean distance to θ*, closest first; "
+           f"paper = seeds in which DPO > IFT > ORPO > SFT holds; SFT<IFT = seeds in which SFT ends closer than IFT)", "",
+           "| start | lr | steps | metric | order | paper order (mean) | paper (seeds) | SFT<IFT (seeds) |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['start']} | {r['lr']:g} | {r['steps']} | {r['metric']} MSE | {' > '.join(r['order'])} | "
+                   f"{'yes' if r['paper_order'] else 'no'} | {r['paper_order_seeds']}/{r['seeds']} | "
+                   f"{r['sft_closer_than_ift_seeds']}/{r['seeds']} |")
+    hits = [r for r in rows if r["paper_order"]]
+    first = sum(r["order"][0] == "SFT" for r in rows)
+    out += ["", f"Paper's ordering (by the means) in {len(hits)} of {len(rows)} settings"
+            + (": " + "; ".join(f"{r['start']} lr {r['lr']:g} {r['steps']} steps {r['metric']}" for r in hits) if hits else "")
+            + f". SFT closest of all in {first} of {len(rows)}; SFT closer than IFT (means) in "
+            f"{sum(r['mean']['SFT'] < r['mean']['IFT'] for r in rows)} of {len(rows)}.", ""]
+    return "\n".join(out)
 
 
 def plot(res, cfg):
@@ -311,19 +385,17 @@ def plot(res, cfg):
 
 
 def parse(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    for f in fields(Config):
-        if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", action="store_true")
-        else:
-            p.add_argument(f"--{f.name}", type=type(f.default), default=f.default)
-    return Config(**vars(p.parse_args(argv)))
+    return flags.parse_dataclass(Config, argv, __doc__.split("\n\n")[0])
 
 
 if __name__ == "__main__":
     torch.set_num_threads(1)   # tensors of 25 x 32: extra threads only add synchronisation
     cfg = parse()
     t0 = time.time()
+    if cfg.sweep:
+        print(sweep_markdown(sweep()))
+        print(f"({time.time() - t0:.1f} s)")
+        raise SystemExit
     res, _ = run(cfg)
     report(res, cfg)
     if cfg.plot:

@@ -74,6 +74,17 @@ def sft_loss(model, batch, token_mean: bool = False):
     loss = -lp.sum() / m.sum().clamp(min=1) if token_mean else seq
     return loss, {"sft_loss": seq.detach()}
 
+
+def dft_loss(model, batch, token_mean: bool = False):
+    """DFT (dynamic fine-tuning, Wu et al. 2025; TRL's loss_type="dft"): each token's NLL scaled by its own
+    detached probability, -sum_t sg(p_t) log p_t, so confident tokens weigh more and near-impossible ones
+    ~0 (the gradient is p_t * d(-log p_t), i.e. d(-p_t) with the weight frozen). Reduced as sft_loss (per
+    sequence mean, then batch mean; token_mean as there). Metrics: sft_loss, the plain NLL of the batch."""
+    lp, m = token_logps(model, batch)
+    x = -lp * lp.detach().exp()   # lp is 0 at masked slots, so x is too
+    loss = x.sum() / m.sum().clamp(min=1) if token_mean else _row_mean(x, m)
+    return loss, {"sft_loss": _row_mean(-lp.detach(), m)}
+
 # ----------------------------------------------------------------------------- relation propagation
 
 

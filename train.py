@@ -65,7 +65,7 @@ class Config:
     hidden_dim: int = 688           # random init: SwiGLU intermediate size
     vocab_size: int = 512           # size of a tokenizer trained here (demo, or --data from scratch)
     # objective
-    loss: str = "ift"               # sft ift dpo ipo orpo simpo kto (+ rwr reinforce, on-policy)
+    loss: str = "ift"               # sft ift dft dpo ipo orpo simpo kto (+ rwr reinforce, on-policy)
     lam: float = 0.2                # IFT: lambda, weight of the model's own guesses in the input embeddings
     gamma: float = 0.95             # IFT: discount of the loss that follows each token (0 = plain weights)
     prop_kind: str = "loss"         # IFT: what is propagated: loss | logps | mask
@@ -129,7 +129,7 @@ class Config:
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
 
 
-CHOICES = {"loss": ("sft", "ift") + PAIRWISE + ("rwr", "reinforce"), "ref": ("precompute", "online"),
+CHOICES = {"loss": ("sft", "ift", "dft") + PAIRWISE + ("rwr", "reinforce"), "ref": ("precompute", "online"),
            "optimizer": ("adamw", "rmsprop"), "schedule": ("cosine", "linear", "constant"), "parallel": ("ddp", "fsdp"),
            "sampling": ("onpolicy", "offline"), "precision": ("auto", "bf16", "fp32"), "prop_side": ("left", "right"),
            "prop_kind": ("loss", "logps", "mask"), "prop_norm": ("L1", "L2", "softmax", "log"),
@@ -316,6 +316,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
     """(loss, metrics) for one micro-batch; ref_logps [2B] (+ KL rows) for DPO/IPO/KTO."""
     if cfg.loss == "sft":
         return ift.sft_loss(model, batch, token_mean=cfg.sft_token_mean)
+    if cfg.loss == "dft":
+        return ift.dft_loss(model, batch, token_mean=cfg.sft_token_mean)
     if cfg.loss == "ift":
         return ift.ift_loss(model, batch, lam=lam, gamma=cfg.gamma, kind=cfg.prop_kind, side=cfg.prop_side,
                             norm=cfg.prop_norm, detach_weights=cfg.detach_weights,
@@ -402,7 +404,7 @@ def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model, ra
 
 
 @torch.no_grad()
-def generation_exact_match(model, tok, rows, n, device, ctx, rank, world, lockstep):
+def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=0, world=1, lockstep=False):
     """Held-out exact match on the demo task: greedy answers scored by data.check_answer, prompts
     sharded over ranks (every rank runs the same number of generate calls: FSDP2 forwards are collective)."""
     rows = rows[:n]

@@ -380,7 +380,7 @@ def test_empty_rows_convention():
     assert ift.ift_loss(model, with_empty)[0].item() == pytest.approx(ift.ift_loss(model, one)[0].item(), abs=1e-14)
     empty = {k: v.clone() for k, v in batch.items()}
     empty["labels"][:] = -100
-    for fn in (ift.sft_loss, ift.ift_loss):
+    for fn in (ift.sft_loss, ift.ift_loss, ift.dft_loss):
         loss, met = fn(model, empty)
         assert loss.item() == 0.0 and all(math.isfinite(float(v)) for v in met.values())
         loss.backward()                   # still a graph; grads zero, not NaN
@@ -392,6 +392,42 @@ def test_sft_token_mean():
     batch = _sft_batch(11)
     lp, m = full_token_logps(model(batch["input_ids"]), batch["labels"])
     assert ift.sft_loss(model, batch, token_mean=True)[0].item() == pytest.approx((-lp.sum() / m.sum()).item())
+
+
+class FixedLogits(nn.Module):
+    """A 'model' whose logits are a parameter: losses can be checked against hand-made probabilities."""
+
+    def __init__(self, logits):
+        super().__init__()
+        self.z = nn.Parameter(logits)
+
+    def forward(self, input_ids, *, attention_mask=None, select=None, **_):
+        return self.z[select] if select is not None else self.z
+
+
+def test_dft_worked_example_and_gradient():
+    # Row 0 supervises 3 tokens with p = 0.5, 0.8, 0.1; row 1 one token with p = 0.25 (V = 3, float64).
+    probs = torch.tensor([[[0.5, 0.25, 0.25], [0.1, 0.8, 0.1], [0.45, 0.45, 0.1], [1 / 3] * 3],
+                          [[1 / 3] * 3, [0.375, 0.375, 0.25], [1 / 3] * 3, [1 / 3] * 3]], dtype=torch.float64)
+    model = FixedLogits(probs.log())
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long),
+             "labels": torch.tensor([[-100, 0, 1, 2], [-100, -100, 2, -100]])}
+    loss, met = ift.dft_loss(model, batch)
+    # -p ln p per token: row 0 (0.346574 + 0.178515 + 0.230259) / 3 = 0.251782, row 1 0.25 ln 4 = 0.346574
+    assert loss.item() == pytest.approx(0.299178, abs=1e-6)
+    assert met["sft_loss"].item() == pytest.approx(1.229626, abs=1e-6)   # plain NLL: (ln2 - ln.8 + ln10)/3, ln4
+    assert ift.dft_loss(model, batch, token_mean=True)[0].item() == pytest.approx(0.275480, abs=1e-6)
+    loss.backward()
+    g = model.z.grad
+    # d/dz of sg(p) (-log p) = p (softmax - onehot), times 1/(n_b * rows): the weight p is not differentiated
+    assert g[0, 0].tolist() == pytest.approx([-0.5 / 12, 0.25 / 12, 0.25 / 12], abs=1e-12)
+    assert g[1, 1].tolist() == pytest.approx([0.046875, 0.046875, -0.09375], abs=1e-12)
+    assert g[0, 3].abs().sum() == 0 and g[1, [0, 2, 3]].abs().sum() == 0
+    # every token: p_t times SFT's gradient of that token (same reduction)
+    model.zero_grad()
+    ift.sft_loss(model, batch)[0].backward()
+    p_t = torch.tensor([[0.5, 0.8, 0.1, 0], [0, 0.25, 0, 0]], dtype=torch.float64)
+    assert torch.allclose(g, p_t[..., None] * model.z.grad, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- lambda schedule
