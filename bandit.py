@@ -1,5 +1,5 @@
 """
-The didactic bandit of Tajwar et al. 2024 (arXiv 2404.14367, §4; SPEC_ONPOLICY.md), with every loss from ift.py.
+The didactic bandit of Tajwar et al. 2024 (arXiv 2404.14367, §4; docs/METHOD.md §3.3), with every loss from ift.py.
 
 Tabular bandit (default, seconds):
   * 100 actions; pi_ref = exact bin masses of tanh(X), X ~ Cauchy(-0.7, 0.4), over 100 equal bins of [-1, 1];
@@ -100,7 +100,7 @@ def best_of(y, r):
 def tab_loss(method, lp, logp_ref, y, r, cfg, state):
     """The objective on the table's log-probs lp [K] for samples y [P, N] with rewards r [P, N]."""
     if method == "best_of_n":
-        # NLL of each prompt's best sample; with one-token answers IFT is exactly this (SPEC_ONPOLICY).
+        # NLL of each prompt's best sample; with one-token answers IFT is exactly this (docs/METHOD.md §3.2).
         best = lp[best_of(y, r)][:, None]
         return ift.ift_objective(best, torch.ones_like(best, dtype=torch.bool), 0.0)[0]
     if method in ("dpo", "ipo"):

@@ -1,5 +1,5 @@
 """
-Frozen Lake: the IFT paper's didactic check (Hua et al. 2025, §5.3; SPEC §8), re-created.
+Frozen Lake: the IFT paper's didactic check (Hua et al. 2025, §5.3; METHOD §8), re-created.
 
 The paper publishes no grid, code or numbers, only an ordering of how close each method's trained
 policy gets to the optimal one: DPO > IFT > ORPO > SFT. This file rebuilds the setting and reports
@@ -16,7 +16,7 @@ whatever comes out:
     (paper v1), mean and spread over seeds (a seed draws theta0).
 IFT here: a trajectory is a "sequence" whose tokens are states. Its mixed input at step t is
 (1-lam)*onehot(s*_t) + lam*onehot(s'_t), s'_t = where the policy's own greedy action from s*_{t-1}
-leads (the guess of "token t" given the true prefix, as SPEC §1.1), and the per-step log-probs of the
+leads (the guess of "token t" given the true prefix, as METHOD §1.1), and the per-step log-probs of the
 optimal actions get ift.py's relation-propagation weighting.
 
     python frozen_lake.py                 # table, 5 seeds, a few seconds
@@ -55,7 +55,7 @@ class Config:
     lr: float = 1e-2              # Adam, the same for every method
     hidden: int = 32
     distill_steps: int = 1000     # theta0 -> theta* (pi* distilled into the MLP)
-    lam: float = 0.2              # IFT λ (SPEC §1.4 default)
+    lam: float = 0.2              # IFT λ (METHOD §1.4 default)
     gamma: float = 0.95           # IFT γ
     beta_dpo: float = 0.1
     beta_ipo: float = 0.1
@@ -192,7 +192,7 @@ def method_loss(method, net, ref, data, cfg, n_states):
         mix = ift_guess_states(net, so, n_states) if method == "IFT" else None
         lp = traj_logps(net, so, ao, n_states, mix, cfg.lam)[None]
         m = torch.ones_like(lp, dtype=torch.bool)
-        # SFT = gamma 0 (all weights 1) on the unmixed input: exactly the per-sequence mean NLL (SPEC §1.1)
+        # SFT = gamma 0 (all weights 1) on the unmixed input: exactly the per-sequence mean NLL (METHOD §1.1)
         return ift.ift_objective(lp, m, cfg.gamma if method == "IFT" else 0.0)[0]
     lc, lr_ = traj_logps(net, so, ao, n_states), traj_logps(net, sr, ar, n_states)
     if method in ("DPO", "IPO"):

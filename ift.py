@@ -1,6 +1,6 @@
 """Intuitive Fine-Tuning (Hua et al., ACL 2025) and the baseline objectives, as small pure functions.
 
-Conventions (SPEC §1.1): batch = {"input_ids" [B,T], "labels" [B,T] (-100 = not supervised), optional
+Conventions (METHOD §1.1): batch = {"input_ids" [B,T], "labels" [B,T] (-100 = not supervised), optional
 "attention_mask"}. Shifted position t scores labels[:, t+1] from the logits at t, so every per-token tensor
 is [B, T-1] with mask m = labels[:, 1:] != -100. Log-probs are fp32 (fp64 for an fp64 model): the model
 returns logits only at the rows that score a supervised label (`select`), and the fp32 log-softmax runs over
@@ -115,7 +115,7 @@ def discounted_cumsum(x, gamma: float, reverse: bool = False, block: int = 64):
 
 def propagation_weights(logps, mask, gamma: float = 0.95, kind: str = "loss", side: str = "left",
                         norm: str = "L1"):
-    """SPEC §1.2 weights [B,T-1] (rows sum to n_b), differentiable in logps (attached, as the authors').
+    """METHOD §1.2 weights [B,T-1] (rows sum to n_b), differentiable in logps (attached, as the authors').
     mask may be bool or float. No in-place writes on autograd-saved tensors (the authors' softmax crash)."""
     if kind not in ("loss", "logps", "mask") or side not in ("left", "right") \
             or norm not in ("L1", "L2", "softmax", "log"):
@@ -144,7 +144,7 @@ def propagation_weights(logps, mask, gamma: float = 0.95, kind: str = "loss", si
 
 def ift_objective(lp, m, gamma: float = 0.95, kind: str = "loss", side: str = "left", norm: str = "L1",
                   detach_weights: bool = False):
-    """SPEC §1.1 steps 6-7 on second-pass log-probs: (loss, weights)."""
+    """METHOD §1.1 steps 6-7 on second-pass log-probs: (loss, weights)."""
     w = propagation_weights(lp, m, gamma, kind, side, norm)
     if detach_weights:
         w = w.detach()
@@ -154,7 +154,7 @@ def ift_objective(lp, m, gamma: float = 0.95, kind: str = "loss", side: str = "l
 def ift_loss(model, batch, lam: float = 0.2, gamma: float = 0.95, kind: str = "loss", side: str = "left",
              norm: str = "L1", detach_weights: bool = False, freeze_input_embeddings: bool = False,
              chunk: int = 4096):
-    """One IFT step (SPEC §1.1). With m = labels[:,1:] != -100 and n_b = sum_t m[b,t]:
+    """One IFT step (METHOD §1.1). With m = labels[:,1:] != -100 and n_b = sum_t m[b,t]:
       1. no grad: g[:, t] = argmax p(. | ids[:, :t]) (greedy guess of token t itself), g[:, 0] = ids[:, 0]
       2. x_hat = where(labels == -100, ids, g)                           (prompt/pad positions untouched)
       3. e = (1 - lam) E(ids) + lam E(x_hat)                             (temporal residual connection)
@@ -162,7 +162,7 @@ def ift_loss(model, batch, lam: float = 0.2, gamma: float = 0.95, kind: str = "l
       5. loss = mean_b sum_t -lp[b,t] w[b,t] / n_b,  w = propagation_weights(lp, m, gamma, kind, side, norm)
     lam = 0 skips pass 1; lam = 0 and gamma = 0 is SFT exactly. Pass 1 computes logits only at rows whose
     next label is supervised and keeps no activations; the mix happens inside model.forward (FSDP2-safe).
-    Versus the authors' code (SPEC §1.5), what we chose:
+    Versus the authors' code (METHOD §1.5), what we chose:
     - w depends on lp and their code backpropagates through it (the loss is a ratio of losses, not an NLL
       with constant token weights). Default: same; detach_weights=True gives the constant-weight reading.
     - their mix reads a frozen copy of the input embedding table, so input embeddings never train:
@@ -195,7 +195,7 @@ def ift_loss(model, batch, lam: float = 0.2, gamma: float = 0.95, kind: str = "l
 
 def lambda_schedule(step: int, *, lam: float = 0.2, warmup_steps: int = 0, min_lambda=None, max_lambda=None,
                     noise_std: float = 0.0, seed: int = 0) -> float:
-    """λ for optimizer step `step` (SPEC §1.4). Without warm-up: lam (min/max ignored). With warm-up: linear
+    """λ for optimizer step `step` (METHOD §1.4). Without warm-up: lam (min/max ignored). With warm-up: linear
     from min_lambda (default 0) to max_lambda (default lam) over warmup_steps, then max_lambda. Noise:
     λ += ε·noise_std·λ, one ε ~ N(0,1) per (seed, step) from its own generator, so every micro-batch and
     rank of a step agree without communicating. Clamped to [0, 1]."""
@@ -211,7 +211,7 @@ def lambda_schedule(step: int, *, lam: float = 0.2, warmup_steps: int = 0, min_l
         x += random.Random(f"ift-lambda:{int(seed)}:{int(step)}").gauss(0.0, 1.0) * noise_std * x
     return min(max(float(x), 0.0), 1.0)
 
-# ----------------------------------------------------------------------------- pairwise baselines (SPEC §2)
+# ----------------------------------------------------------------------------- pairwise baselines (METHOD §2)
 # Inputs are fp32 sequence log-probs [B] (seq_logps); each returns (loss, metrics). Rewards are detached.
 
 

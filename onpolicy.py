@@ -1,5 +1,5 @@
 """
-On-policy mode of train.py (Tajwar et al. 2024, SPEC_ONPOLICY.md): every k optimizer steps, sample
+On-policy mode of train.py (Tajwar et al. 2024; docs/METHOD.md §3): every k optimizer steps, sample
 N responses per prompt from the *current* policy, score them with a reward function, and turn them
 into the batch the objective needs:
   sft / ift      best-of-N: the highest-reward sample is the target (no negative gradient)

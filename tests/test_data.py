@@ -1,4 +1,4 @@
-"""Tests for data.py: SPEC §5 token ids on the real Mistral v0.1 tokenizer (literal ids derived by hand
+"""Tests for data.py: METHOD §5 token ids on the real Mistral v0.1 tokenizer (literal ids derived by hand
 from raw sentencepiece calls, optionally cross-checked against transformers), readers and their
 errors, examples and truncation, batching, the synthetic task and the inspection command."""
 import builtins
@@ -50,7 +50,7 @@ def supervised(ids, labels):
     return [i for i, l in zip(ids, labels) if l != X]
 
 
-# ---------------------------------------------------------------------------- SPEC §5, real tokenizer
+# ---------------------------------------------------------------------------- METHOD §5, real tokenizer
 # Pieces (ids from raw sentencepiece): "▁<|system|>\n" 523 28766 6574 28766 28767 13; after every EOS
 # the piece starts with "▁" 28705 and "\n" 13 (byte <0x0A>); "<|user|>" mid-text 28789 28766 1838
 # 28766 28767; "<|assistant|>" 28789 28766 489 11143 28766 28767.

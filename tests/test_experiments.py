@@ -1,6 +1,6 @@
 """Tests for the didactic experiments: frozen_lake.py (IFT paper §5.3) and bandit.py (Tajwar et al. §4).
 Expected values are hand-derived (path lengths, discounted returns, closed-form bin masses with `math`),
-or the claims of SPEC_ONPOLICY E1/E2 asserted on means over >= 5 seeds with the issue's margins."""
+or the claims of docs/METHOD.md §3.3 (E1/E2) asserted on means over >= 5 seeds with the issue's margins."""
 import math
 
 import pytest
@@ -82,7 +82,7 @@ def test_ift_mixed_input_and_sft_by_hand():
     onehot = lambda s: F.one_hot(torch.tensor(s), 25).double()
     x = torch.stack([(1 - cfg.lam) * onehot(s) + cfg.lam * onehot(g) for s, g in zip(so, guess)])
     lp = net(x).log_softmax(-1)[torch.arange(len(ao)), torch.tensor(ao)]
-    # SPEC §1.2 left/L1 weights by a Python loop: S_t = sum_{j>=t} γ^(j-t) (-lp_j / n), rescaled to sum n
+    # METHOD §1.2 left/L1 weights by a Python loop: S_t = sum_{j>=t} γ^(j-t) (-lp_j / n), rescaled to sum n
     n, nll = len(ao), (-lp).tolist()
     S = [sum(cfg.gamma ** (j - t) * nll[j] / n for j in range(t, n)) for t in range(n)]
     w = [s_ * n / sum(S) for s_ in S]

@@ -1,5 +1,5 @@
-"""Tests for ift.py. Expected values come from SPEC §1.3, from hand formulas (math/numpy), or from a literal
-loop transcription of SPEC §1.2 below; never from the function under test."""
+"""Tests for ift.py. Expected values come from METHOD §1.3, from hand formulas (math/numpy), or from a literal
+loop transcription of METHOD §1.2 below; never from the function under test."""
 import itertools
 import math
 
@@ -18,7 +18,7 @@ ALL_OPTIONS = list(itertools.product(KINDS, SIDES, NORMS))
 
 
 def ref_weights(lp, m, gamma, kind, side, norm):
-    """SPEC §1.2 transcribed literally with Python loops (float64 tensors, autograd-friendly, no in-place)."""
+    """METHOD §1.2 transcribed literally with Python loops (float64 tensors, autograd-friendly, no in-place)."""
     B, T = lp.shape
     if gamma == 0:
         return m.double()
@@ -54,7 +54,7 @@ def full_token_logps(logits, labels):
     return torch.where(m, lp, 0.0), m
 
 
-# ----------------------------------------------------------------------------- SPEC §1.3 worked example
+# ----------------------------------------------------------------------------- METHOD §1.3 worked example
 
 M1 = torch.tensor([[0, 0, 1, 1, 1, 1, 0]]).bool()
 NLL1 = torch.tensor([[0, 0, 2.0, 1.0, 0.5, 0.1, 0]], dtype=torch.float64)
@@ -83,7 +83,7 @@ def test_spec_worked_example(gamma, side, norm, w_exp, loss_exp, grad_exp):
     if grad_exp is not None:
         assert g[0, 2:6].tolist() == pytest.approx(grad_exp, abs=1e-6)
     assert g[0, [0, 1, 6]].abs().sum() == 0
-    # kind="logps": the final rescale cancels the 1/n (SPEC §1.3)
+    # kind="logps": the final rescale cancels the 1/n (METHOD §1.3)
     w_logps = ift.propagation_weights(-NLL1, M1, gamma, "logps", side, norm)
     if norm in ("L1", "L2"):
         assert torch.allclose(w_logps, w.detach(), atol=1e-12)
@@ -260,7 +260,7 @@ def test_ift_second_pass_inputs_are_the_hand_built_mix():
     assert torch.allclose(second["embeds"], (1 - lam) * E[ids] + lam * E[x_hat], atol=1e-14)
     truth_next = labels[:, 1:][m]
     assert met["guess_mismatch"].item() == pytest.approx((x_hat[:, 1:][m] != truth_next).double().mean().item())
-    # loss = SPEC step 7 on log-probs from full logits of the hand-built mix
+    # loss = METHOD §1.1 step 7 on log-probs from full logits of the hand-built mix
     with torch.no_grad():
         model.calls.clear()
         lp, _ = full_token_logps(model(ids, mix_ids=x_hat, mix_lambda=lam), labels)
