@@ -1,7 +1,7 @@
 """
 Data for nanoIFT: tokenizers (sentencepiece, or a Hugging Face tokenizer.json with the checkpoint's
-own Jinja chat template), chat rendered straight to ids and labels (SPEC §5), readers for the formats
-users bring (SPEC §6), SFT/IFT and pairwise examples with truncation, padding, a deterministic
+own Jinja chat template), chat rendered straight to ids and labels (METHOD §5), readers for the formats
+users bring (METHOD §6), SFT/IFT and pairwise examples with truncation, padding, a deterministic
 length-grouped sharded batch plan, and a synthetic task (plus tokenizer training) for the demo and the
 tests. Show what the model will be trained on:
     python data.py --tokenizer CHECKPOINT_DIR_OR_TOKENIZER_FILE --data FILE [--index N] [--json]
@@ -251,7 +251,7 @@ def _is_zephyr(d):
 
 
 # ---------------------------------------------------------------------------- chat templates (Jinja)
-# Ours for a tokenizer.json that ships no template: the Zephyr text, BOS first (SPEC §5).
+# Ours for a tokenizer.json that ships no template: the Zephyr text, BOS first (METHOD §5).
 ZEPHYR_TEMPLATE = ("{% if bos_token is defined %}{{ bos_token }}{% endif %}{% for m in messages %}"
                    "{{ '<|' + m['role'] + '|>\\n' + m['content'] + eos_token + '\\n' }}{% endfor %}"
                    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}")

@@ -8,7 +8,7 @@ nanoIFT trainer: one flat loop for SFT, IFT, DPO, IPO, ORPO, SimPO and KTO (offl
 
 Single process, DDP or FSDP2 is chosen from the environment torchrun sets (WORLD_SIZE) and
 --parallel. Master weights stay fp32 (bf16 only for compute): at lr 5e-7 pure-bf16 weights would
-round most updates away (SPEC §1.5).
+round most updates away (METHOD §1.5).
 """
 import dataclasses
 import hashlib
