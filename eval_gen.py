@@ -511,8 +511,6 @@ def parse_args(argv):
     flags.add_bool(ap, "--compile", help="torch.compile the decode step (CUDA graphs on CUDA)")
     flags.add_bool(ap, "--non_legacy", help="template without the '▁' after each EOS")
     args = ap.parse_args(argv)
-    args.model = resolve_model(args.model)     # a run directory means its newest checkpoint
-    args.out = args.out or os.path.join(args.model, "eval")
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     for key, value in DEFAULTS[args.task].items():
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
@@ -525,6 +523,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(argv)
+    args.model = resolve_model(args.model)     # a run directory means its newest checkpoint
+    args.out = args.out or os.path.join(args.model, "eval")
     world, rank, device = int(os.environ.get("WORLD_SIZE", 1)), 0, args.device
     if world > 1:
         import torch.distributed as dist

@@ -123,6 +123,13 @@ def test_sample_and_eval_only_reproduce_the_run(tmp_path):
     assert p.stdout.endswith(f"--- 'Add 12 and 30.'\n{want}\n")      # the checkpoint's own greedy answer
     p = script("sample.py", ["--model", str(tmp_path / "nope")])
     assert p.returncode != 0 and "no such directory" in p.stderr and "Traceback" not in p.stderr
+    # eval_gen: a run directory means its newest checkpoint, and results land beside that checkpoint
+    arc = os.path.join(ROOT, "tests", "fixtures", "arc_ai2.jsonl")
+    p = script("eval_gen.py", ["--model", str(out), "--task", "arc_gen", "--data", arc, "--max_new_tokens", "4"])
+    assert p.returncode == 0, p.stderr
+    assert os.path.isfile(os.path.join(s["checkpoint"], "eval", "arc_gen.jsonl"))
+    p = script("eval_gen.py", ["--model", str(tmp_path / "nope"), "--task", "arc_gen", "--data", arc])
+    assert p.returncode != 0 and "no such directory" in p.stderr and "Traceback" not in p.stderr
 
 
 def readme_section(title):
