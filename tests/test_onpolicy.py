@@ -1,7 +1,4 @@
 """On-policy mode of train.py (onpolicy.py): sampling from current weights, rewards, pairs, DDP."""
-import json
-import math
-import os
 
 import pytest
 import torch
@@ -10,7 +7,7 @@ import data
 import onpolicy
 import train
 from model import Transformer
-from test_train import TINY, max_diff, run, weights
+from test_train import TINY
 
 
 def sevens(prompt, response):
@@ -116,15 +113,3 @@ def test_bad_reward_functions_are_named():
     with pytest.raises(ValueError, match="cannot load"):
         onpolicy.load_reward("no_such_module:f")
     assert onpolicy.load_reward("test_onpolicy:sevens")("", "77") == 0.25
-
-
-def test_two_process_onpolicy_run_equals_single_process(tmp_path, tok_path):
-    common = TINY + [f"--tokenizer={tok_path}", "--loss=ift", "--max_steps=3", "--onpolicy_every=1",
-                     "--n_samples=3", "--max_new_tokens=6", "--reward=demo"]
-    run(common + [f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8"])
-    run(common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4"], nproc=2)
-    recs = [[json.loads(l) for l in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
-    assert len(recs[0]) == 3
-    for x, y in zip(*recs):   # same samples, same rewards, same losses (logged as global means)
-        assert abs(x["loss"] - y["loss"]) < 1e-6 and abs(x["reward_mean"] - y["reward_mean"]) < 1e-9
-    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
