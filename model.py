@@ -182,7 +182,8 @@ def cached_attention(q, k, v, mask):
       into the query-length axis: q [B,Hkv,G*T,D] against the cache as it is, the mask repeated G
       times along the queries (a stride-0 view when T == 1). That is exactly GQA (every query row
       is its own softmax) and takes the memory-efficient kernel with no K/V copy.
-    On CPU both go to the CPU flash kernel, which takes masks."""
+    On CPU both go to the CPU flash kernel, which takes masks. (The CUDA choice follows torch
+    2.11's SDPA constraints; it has not been profiled on a GPU in this repository yet.)"""
     B, H, T, D = q.shape
     G = H // k.shape[1]
     if mask is None:
