@@ -2,7 +2,7 @@
 Benchmarks. Every figure is a ratio measured inside one run (same machine, same moment), never a
 timed test.
   python bench.py                       # all CPU sections
-  python bench.py --only=model,ift      # model | ift | train | eval
+  python bench.py --only=model,ift      # model | ift | train | eval | sample
 """
 import argparse
 import json
@@ -190,12 +190,33 @@ def bench_eval():
           f"= {res['16'] / res['1']:.1f}x, batch 16 compiled {res['16c']:.2f} q/s = {res['16c'] / res['16']:.2f}x eager")
 
 
+def bench_sample():
+    """On-policy sampling prompts/s: one generate call per prompt (n_samples rows, the loop before batching)
+    vs 64 rows per call; same prompts and per-row seeds, so the same samples."""
+    import data
+    import onpolicy
+    import train
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tok", 512)
+        ex, _ = data.load_sft(data.synthetic_task(32, 1), tok)
+        model = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=688,
+                                      vocab_size=tok.vocab_size, sliding_window=None)).init_weights(seed=0)
+        samplers = {bs: onpolicy.Sampler(train.parse_config(["--loss=sft", "--onpolicy_every=1", "--n_samples=4",
+                                                             "--max_new_tokens=24", f"--sample_batch_size={bs}"]),
+                                         tok, ex, 0, 1) for bs in (4, 64)}
+        cpu = torch.device("cpu")
+        t = interleaved({bs: (lambda s=s: s.refresh(model, 0, range(32), cpu)) for bs, s in samplers.items()}, reps=3)
+        same = samplers[4].samples == samplers[64].samples
+    print(f"on-policy sampling, 32 prompts x 4 samples x 24 tokens: one call per prompt {32 / t[4]:.1f} prompts/s, "
+          f"64 rows per call {32 / t[64]:.1f} prompts/s = {t[4] / t[64]:.1f}x (same samples: {same})")
+
+
 def main():
     if "--gpu" in sys.argv[1:]:        # the GPU benchmark is its own module: python bench.py --gpu [--tiny] [--budget_s=N]
         import bench_gpu
         return bench_gpu.main([a for a in sys.argv[1:] if a != "--gpu"])
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="model,ift,train,eval")
+    ap.add_argument("--only", default="model,ift,train,eval,sample")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step_child", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
