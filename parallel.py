@@ -86,8 +86,10 @@ def unwrap(model):
 
 
 def no_sync(model, sync: bool):
-    """Skip the gradient reduction on all but the last micro-step of an accumulation."""
-    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2: a flag, set before every backward
-        model.set_requires_gradient_sync(sync)
+    """DDP: skip the gradient all-reduce on all but the last micro-step of an accumulation. FSDP2: sync on
+    every micro-step. Its "no sync" keeps every block's *unsharded* fp32 gradient alive until the last
+    micro-step (the full model's worth per rank: 29 GB at 7B); reduce-scattering each micro-step instead
+    accumulates into the sharded gradient, 1/world of that, for one extra reduce-scatter per micro-step."""
+    if hasattr(model, "set_requires_gradient_sync"):   # FSDP2
         return nullcontext()
     return model.no_sync() if not sync and hasattr(model, "no_sync") else nullcontext()
