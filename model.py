@@ -455,15 +455,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
         """Load a Hugging Face checkpoint directory (single file or shards). Built on the meta device
         and filled tensor by tensor with assign=True, so a 7B load never holds two copies in RAM."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"{path}: no config.json")
-        try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-        args = ModelArgs.from_hf_config(cfg, cfg_path)
+        args, cfg_path = read_args(path), os.path.join(path, "config.json")
         dtype = dtype or torch.float32
         with torch.device("meta"):
             model = cls(args)
@@ -540,6 +532,19 @@ def sample(logits, temperature: float, top_k=None, top_p=None, generator=None, r
         u = torch.stack([torch.rand(V, generator=g, device=probs.device) for g in row_generators])
         return (probs / -torch.log(u)).argmax(-1)     # U = 0 -> E = inf -> never chosen
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def read_args(path) -> ModelArgs:
+    """ModelArgs of a Hugging Face checkpoint directory, from its config.json."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    return ModelArgs.from_hf_config(cfg, cfg_path)
 
 
 def _open_safetensors(fname):

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import checkpoint
 import data
 import ift
+import memplan
 import onpolicy
 import parallel
 import refcache
@@ -260,9 +261,13 @@ def dry_run(cfg):
     return plan
 
 
-def build_model(cfg, tok, device):
+def build_model(cfg, tok, device, fsdp_bf16=None):
+    """fsdp_bf16 not None (FSDP2 with --init_from): loaded already sharded, each rank reading only its part
+    of the files (parallel.load_sharded), so no rank ever holds the whole fp32 model."""
     check_vocab(cfg, tok)
-    if cfg.init_from:
+    if cfg.init_from and fsdp_bf16 is not None:
+        model = parallel.load_sharded(cfg.init_from, device, fsdp_bf16)
+    elif cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
         args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
@@ -341,6 +346,8 @@ def frozen_reference(cfg, model, device, bf16, fsdp):
     does (bf16 parameters); elsewhere it runs in the policy's autocast context (make_batch)."""
     if cfg.loss not in NEEDS_REF or cfg.reference_free or not (cfg.ref == "online" or cfg.onpolicy_every):
         return None
+    if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
+        return parallel.load_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
     import copy
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
@@ -440,7 +447,8 @@ def train(cfg, rank, local, world, distributed):
     torch.manual_seed(cfg.seed)
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
-    model = build_model(cfg, tok, device)
+    t_load, sharded = time.time(), fsdp and bool(cfg.init_from)
+    model = build_model(cfg, tok, device, bf16 if sharded else None)
     data_fp = refcache.data_fingerprint(tok, train_ex)
 
     lengths = example_lengths(train_ex)
@@ -460,7 +468,9 @@ def train(cfg, rank, local, world, distributed):
     # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
     keys = table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed)
     ref_model = frozen_reference(cfg, model, device, bf16, fsdp)
-    model = parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    model = model if sharded else parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    if rank == 0:       # the load's peak, apart from training's (whose peak counter starts here)
+        print(memplan.load_report(time.time() - t_load, device, sharded))
     # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
     # optimizer built then would hold those instead of the sharded master weights.
     opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
