@@ -562,7 +562,7 @@ def read_trainer_state(path):
     (a user error: resume from the checkpoint before), not a traceback from deep inside torch."""
     try:
         state = torch.load(path, weights_only=True)
-        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
+        missing = [k for k in ("rng", "step", "epoch") if k not in state]   # optimizer: in dcp/ or here (old)
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except Exception as e:
@@ -639,13 +639,43 @@ def atomic_dir(path, write_fn):
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
         write_fn(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(root):
+    """Flush every file under `root` and the directories themselves to disk: a rename is only as durable
+    as what it names, and after a power cut a renamed directory of unflushed files is a corrupt checkpoint."""
+    for d, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(d)
+
+
+def _fsync_dir(d):
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_into_place(tmp, path):
+    """Flush the finished temp dir `tmp`, then rename it to `path` (the old `path`, if any, moved aside
+    first and deleted after) and flush the parent so the rename itself survives a crash."""
+    parent = os.path.dirname(path)
+    fsync_tree(tmp)
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
+        os.rename(path, os.path.join(old, "x"))
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    _fsync_dir(parent)

@@ -125,6 +125,7 @@ class Config:
     gen_eval: int = 100             # held-out generation exact match at the end (demo task only)
     progress: bool = True
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
+    save_dtype: str = ""            # HF export dtype: "" = --init_from's (bf16 for Mistral; fp32 random init) | fp32 | bf16 | fp16
 
 
 def parse_config(argv) -> Config:
@@ -445,6 +446,7 @@ def train(cfg, rank, local, world, distributed):
     # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     torch.manual_seed(cfg.seed)
+    checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
     os.makedirs(cfg.out_dir, exist_ok=True)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
     t_load, sharded = time.time(), fsdp and bool(cfg.init_from)

@@ -4,6 +4,8 @@ import json
 import os
 import textwrap
 
+import pytest
+
 import torch
 
 from test_distributed import GUARD, ROOT, metrics, torchrun  # noqa: F401
@@ -112,3 +114,104 @@ def test_fsdp_run_from_a_checkpoint_loads_sharded_and_equals_one_process(tmp_pat
     assert abs(r1[0]["loss"] - r2[0]["loss"]) < 1e-6 and "eval/loss" in r2[-1]
     assert abs(r1[-1]["eval/loss"] - r2[-1]["eval/loss"]) < 1e-6
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-4
+
+
+def dcp_state(ck):
+    """The resumable state of a checkpoint (dcp/) as one flat dict of tensors, read in one process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    out = os.path.join(ck, "..", os.path.basename(ck) + "-state.pt")
+    dcp_to_torch_save(os.path.join(ck, "dcp"), out)
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(x, (list, tuple)):
+            for i, v in enumerate(x):
+                walk(f"{prefix}.{i}", v)
+        else:
+            flat[prefix] = x
+    walk("", torch.load(out, weights_only=True))
+    return flat
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_rank_resume_from_the_sharded_checkpoint_is_bit_identical(tmp_path, tok_path, parallel):
+    """Killed after writing step 2 (simulated: the later checkpoint removed), 2 ranks resume from the
+    2-rank dcp/ state. FSDP2 starts from a bf16 checkpoint: its export is bf16 (loads in transformers),
+    while the fp32 master weights in dcp/ keep the resume exact."""
+    import shutil
+    from model import ModelArgs, Transformer
+    from safetensors.torch import load_file
+    common = TINY + [f"--tokenizer={tok_path}", "--loss=ift", "--max_steps=4", "--save_every=2", "--keep_last=5",
+                     "--micro_batch_size=4", f"--parallel={parallel}", "--optimizer=rmsprop"]
+    if parallel == "fsdp":
+        init = str(tmp_path / "init")
+        Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
+                              sliding_window=None)).init_weights(seed=3).save_pretrained(init, dtype=torch.bfloat16)
+        common.append(f"--init_from={init}")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    torchrun([GUARD] + common + [f"--out_dir={full}"])
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "ckpt-000004")
+    with open(cut / "metrics.jsonl") as f:
+        kept = [line for line in f if json.loads(line)["step"] <= 2]
+    open(cut / "metrics.jsonl", "w").writelines(kept)
+    torchrun([GUARD] + common + [f"--out_dir={cut}", "--resume=true"])
+    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(cut)]
+    a, b = dcp_state(str(full / "ckpt-000004")), dcp_state(str(cut / "ckpt-000004"))
+    assert a.keys() == b.keys() and any(".optim.state." in k for k in a)
+    assert all(torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
+    assert all(a[k].dtype == torch.float32 for k in a if k.startswith(".model.") and torch.is_tensor(a[k]))
+    ea, eb = load_file(full / "ckpt-000004" / "model.safetensors"), load_file(cut / "ckpt-000004" / "model.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+    want = torch.bfloat16 if parallel == "fsdp" else torch.float32
+    assert {t.dtype for t in ea.values()} == {want}
+    cfg = json.load(open(full / "ckpt-000004" / "config.json"))
+    assert cfg["torch_dtype"] == str(want).removeprefix("torch.")
+    if parallel == "fsdp":
+        transformers = pytest.importorskip("transformers")
+        ck = str(full / "ckpt-000004")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager").eval()
+        assert hf.dtype == torch.bfloat16                   # from config.json's torch_dtype
+        hf, ours = hf.float(), Transformer.from_pretrained(ck, dtype=torch.float32).eval()
+        x = torch.randint(3, 320, (2, 20))
+        with torch.no_grad():
+            assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
+
+
+def test_export_dtype_follows_the_init_checkpoint(tmp_path):
+    import checkpoint
+    import train
+    from model import CheckpointError
+    init = tmp_path / "init"
+    init.mkdir()
+    cfg = train.parse_config([])
+    assert checkpoint.export_dtype(cfg) == torch.float32                       # random init
+    for key, name, want in (("torch_dtype", "bfloat16", torch.bfloat16), ("dtype", "float16", torch.float16)):
+        (init / "config.json").write_text(json.dumps({key: name}))           # transformers 4.x / 5.x
+        assert checkpoint.export_dtype(train.parse_config([f"--init_from={init}"])) == want
+    assert checkpoint.export_dtype(train.parse_config([f"--init_from={init}", "--save_dtype=fp32"])) == torch.float32
+    with pytest.raises(CheckpointError, match="--save_dtype='int8' is not one of"):
+        checkpoint.export_dtype(train.parse_config(["--save_dtype=int8"]))
+
+
+def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    from model import atomic_dir
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+
+    def write(d):
+        os.makedirs(os.path.join(d, "dcp"))
+        for name in ("trainer_state.pt", "dcp/__0_0.distcp"):
+            open(os.path.join(d, name), "w").write("x")
+    atomic_dir(str(tmp_path / "ckpt-000002"), write)
+    # paths inside the temp dir .tmp-ckpt-000002-XXXX/ ("" = the temp dir itself)
+    names = {p.split("/.tmp-ckpt-000002-")[1].partition("/")[2] for p in synced if "/.tmp-ckpt-000002-" in p}
+    assert {"trainer_state.pt", "dcp/__0_0.distcp", "dcp", ""} <= names, synced   # files, sub-dir, the dir
+    assert synced[-1] == str(tmp_path)                                           # then the rename, in its parent
