@@ -29,6 +29,7 @@ import memplan
 import onpolicy
 import parallel
 import refcache
+import tokcache
 from checkpoint import list_checkpoints  # noqa: F401  (public: tests and scripts list a run's checkpoints)
 from model import ModelArgs, Transformer, atomic_dir  # noqa: F401
 from refcache import data_fingerprint, fingerprint  # noqa: F401
@@ -56,6 +57,7 @@ class Config:
     empty_system: bool = False      # an empty system message first when a conversation has none
     dedup_prompts: bool = False     # one example per prompt, the last (their loader keys rows by prompt)
     prompt_from_chosen: bool = False  # pairs: prompt = chosen[:-1], whatever rejected's turns before its answer
+    data_cache: str = ""            # tokenized --data, memory-mapped (tokcache.py): "" = out_dir/data_cache | DIR | none
     # model: init_from = HF checkpoint dir; "" = random init of the shape below
     init_from: str = ""
     dim: int = 256
@@ -176,8 +178,9 @@ def _set(cfg, key, value, source):
 
 
 # ---------------------------------------------------------------------------- setup
-def load_data(cfg, rank):
-    """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared)."""
+def load_data(cfg, rank, cache=True):
+    """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared). --data is
+    tokenized once and cached (tokcache; not by --dry_run, which writes nothing)."""
     pairwise = cfg.loss in PAIRWISE
     tok_path = cfg.tokenizer or cfg.init_from   # a tokenizer file, or the checkpoint dir's tokenizer.json / .model
 
@@ -206,8 +209,10 @@ def load_data(cfg, rank):
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
         if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
     kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
-    train, stats = load(train_src, tok, split=cfg.split, **kw)
-    evals = load(eval_src, tok, split=cfg.eval_split, **kw)[0] if eval_src is not None else []
+    cache = "" if cfg.data_cache == "none" or not cache else cfg.data_cache or os.path.join(cfg.out_dir, "data_cache")
+    train, stats = tokcache.load(load, train_src, tok, cache, rank, cfg.progress, split=cfg.split, **kw)
+    evals = tokcache.load(load, eval_src, tok, cache, rank, cfg.progress, split=cfg.eval_split, **kw)[0] \
+        if eval_src is not None else []
     if rank == 0:
         sources = stats.pop("sources", [])
         print(f"data: {len(train)} train / {len(evals)} eval examples; {stats}")
@@ -246,7 +251,7 @@ def dry_run(cfg):
     """--dry_run: the config, the data (per source), its fingerprint and the batch plan of a run with
     WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    tok, train_ex, eval_ex, _ = load_data(cfg, 0)
+    tok, train_ex, eval_ex, _ = load_data(cfg, 0, cache=False)
     check_vocab(cfg, tok)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))

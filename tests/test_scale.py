@@ -215,3 +215,32 @@ def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
     names = {p.split("/.tmp-ckpt-000002-")[1].partition("/")[2] for p in synced if "/.tmp-ckpt-000002-" in p}
     assert {"trainer_state.pt", "dcp/__0_0.distcp", "dcp", ""} <= names, synced   # files, sub-dir, the dir
     assert synced[-1] == str(tmp_path)                                           # then the rename, in its parent
+
+
+def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_token(tmp_path, tok_path, monkeypatch):
+    import data
+    import tokcache
+    tok, cache = data.Tokenizer(tok_path), str(tmp_path / "cache")
+    for kind, rows, load, kw in (
+            ("sft", data.synthetic_task(40, 0), data.load_sft, dict(max_length=40, empty_system=True)),
+            ("pairs", data.synthetic_pairs(40, 1), data.load_pairs, dict(max_length=40, max_prompt_length=20))):
+        src = tmp_path / f"{kind}.jsonl"
+        src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        want, want_stats = load(str(src), tok, **kw)
+        first, stats = tokcache.load(load, str(src), tok, cache, 0, False, **kw)     # tokenizes, writes
+        assert list(first) == want and stats["truncated"] == want_stats["truncated"] > 0
+        calls = []
+        with monkeypatch.context() as m:
+            m.setattr(tok, "encode", lambda *a, **k: calls.append(1) or [])
+            again, _ = tokcache.load(load, str(src), tok, cache, 0, False, **kw)   # second start: mapped
+            assert not calls and isinstance(again, tokcache.CachedExamples)
+            assert list(again) == want and again[-1] == want[-1] and again[1:3] == want[1:3]
+            tokcache.load(load, str(src), tok, cache, 0, False, **{**kw, "max_length": 30})  # other lengths
+            assert calls                                                           # miss: tokenized again
+        d = stats["cache"]
+        n_tokens = sum(len(e[k]) for e in want for k in tokcache.FIELDS[kind])
+        size = sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d))
+        # int32 ids + int64 offsets + npy headers; at ~1,300 tokens a conversation that is 4.0 bytes a token
+        assert size - 2 * 128 - os.path.getsize(os.path.join(d, "meta.json")) <= 5 * n_tokens, (size, n_tokens)
+        os.utime(src, ns=(1, 1))                                           # the file changed: a new key
+        assert tokcache.cache_key(str(src), "", tok, kind, kw) != os.path.basename(d).split("-", 1)[1]
