@@ -276,15 +276,37 @@ def build_model(cfg, tok, device, fsdp_bf16=None):
     elif cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
-        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                         head_dim=cfg.dim // cfg.n_heads, hidden_dim=cfg.hidden_dim, vocab_size=tok.vocab_size,
-                         sliding_window=None, max_position_embeddings=cfg.max_length,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        model = Transformer(args).init_weights(std=0.02, seed=cfg.seed).to(device)
+        model = Transformer(model_args(cfg, tok)).init_weights(std=0.02, seed=cfg.seed).to(device)
     if cfg.freeze_input_embeddings and not model.args.tie_word_embeddings:
         model.embed_tokens.weight.requires_grad_(False)  # never trained: keeps DDP from waiting on it
     model.set_activation_checkpointing(cfg.grad_checkpointing)
     return model
+
+
+def model_args(cfg, tok):
+    """The architecture: --init_from's config.json, else a random init's from the config."""
+    if cfg.init_from:
+        from model import read_args
+        return read_args(cfg.init_from)
+    return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                     head_dim=cfg.dim // cfg.n_heads, hidden_dim=cfg.hidden_dim, vocab_size=tok.vocab_size,
+                     sliding_window=None, max_position_embeddings=cfg.max_length,
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+
+
+def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
+    """Print the per-GPU memory plan (memplan.py); on a GPU a run that cannot fit stops here, before the load."""
+    a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
+    kw = dict(micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
+              grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss)
+    p = memplan.plan(a, world, par, **kw)
+    if rank == 0:
+        print(memplan.format_plan(p))
+    if device.type == "cuda":
+        why = memplan.does_not_fit(p, torch.cuda.get_device_properties(device).total_memory / memplan.GiB, a, world,
+                                   par, **kw)
+        if why:
+            sys.exit(f"error: {why}")
 
 
 def lr_at(cfg, step, total):
@@ -453,7 +475,10 @@ def train(cfg, rank, local, world, distributed):
     torch.manual_seed(cfg.seed)
     checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
     os.makedirs(cfg.out_dir, exist_ok=True)
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")     # TF32 for the fp32 matmuls (fp32 runs, fp32 heads)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
+    memory_plan(cfg, tok, device, world, distributed, bf16, rank)
     t_load, sharded = time.time(), fsdp and bool(cfg.init_from)
     model = build_model(cfg, tok, device, bf16 if sharded else None)
     data_fp = refcache.data_fingerprint(tok, train_ex)
@@ -516,9 +541,11 @@ def train(cfg, rank, local, world, distributed):
     bar = tqdm(total=total, initial=state["step"], disable=rank != 0 or not cfg.progress, dynamic_ncols=True)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     t0, tokens, last_log, plan_epoch = time.time(), 0, {}, None
+    busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
+    flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
     model.train()
     while state["step"] < total:
-        step = state["step"]
+        step, t0 = state["step"], time.time()
         epoch, k = divmod(step, steps_per_epoch)
         if plan_epoch != epoch:
             plan, plan_epoch = plan_of(epoch), epoch
@@ -557,6 +584,7 @@ def train(cfg, rank, local, world, distributed):
                              f"Last good checkpoint: {last or 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        busy += time.time() - t0
         state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
@@ -564,10 +592,11 @@ def train(cfg, rank, local, world, distributed):
                 vals = parallel.all_reduce(torch.tensor(list(acc.values()), device=device))
                 acc = dict(zip(acc, (vals / world).tolist()))
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
-            dt = time.time() - t0
+            dt = max(busy, 1e-9)
             rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
+            if memplan.mfu(flops_tok, tokens, dt, peak, world) is not None:
+                rec["mfu"] = memplan.mfu(flops_tok, tokens, dt, peak, world)
             if device.type == "cuda":
-                rec["mfu"] = parallel.unwrap(model).flops_per_token(cfg.max_length) * tokens / dt / (989e12 * world)
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if sampler is not None:
                 rec.update(sampler.stats)
@@ -575,7 +604,7 @@ def train(cfg, rank, local, world, distributed):
                 f.write(json.dumps(rec) + "\n")
             bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
-            last_log = rec
+            last_log, tokens, busy = rec, 0, 0.0
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
             ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
             if rank == 0 and ev:

@@ -244,3 +244,48 @@ def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_
         assert size - 2 * 128 - os.path.getsize(os.path.join(d, "meta.json")) <= 5 * n_tokens, (size, n_tokens)
         os.utime(src, ns=(1, 1))                                           # the file changed: a new key
         assert tokcache.cache_key(str(src), "", tok, kind, kw) != os.path.basename(d).split("-", 1)[1]
+
+
+M7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+           intermediate_size=14336, vocab_size=32000, model_type="mistral", torch_dtype="bfloat16")
+
+
+def test_memory_plan_counts_the_model_and_refuses_ddp_at_7b(tmp_path, monkeypatch):
+    import types
+    import memplan
+    import train
+    from model import ModelArgs, Transformer
+    a = ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320)
+    assert memplan.n_params(a) == Transformer(a).num_params()
+    kw = dict(micro_batch_size=8, seq_len=1024, optimizer="rmsprop", bf16=True, grad_checkpointing=True, loss="ift")
+    m7b = ModelArgs.from_hf_config(M7B)
+    assert abs(memplan.n_params(m7b) / 1e9 - 7.24) < 0.01
+    fsdp, ddp = memplan.plan(m7b, 8, "fsdp", **kw), memplan.plan(m7b, 8, "ddp", **kw)
+    assert abs(fsdp["params"] - 4 * 7.24e9 / 8 / 2**30) < 0.01 and fsdp["grads"] == fsdp["params"] == fsdp["optimizer"]
+    assert ddp["grads"] == 2 * ddp["params"] and ddp["total"] > 100 and fsdp["total"] < 30
+    # what train.py does at start on an 80 GB GPU (its size faked here): DDP at 7B stops before the load
+    init = tmp_path / "m7b"
+    init.mkdir()
+    (init / "config.json").write_text(json.dumps(M7B))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=80 * 10**9))
+    tok = types.SimpleNamespace(vocab_size=32000, bos_id=1, eos_id=2)
+    gpu = types.SimpleNamespace(type="cuda")
+    cfg = train.parse_config([f"--init_from={init}", "--config=configs/mistral7b_ift.json", "--parallel=ddp"])
+    with pytest.raises(SystemExit, match=r"does not fit: DDP .* try FSDP2 on >= \d GPUs"):
+        train.memory_plan(cfg, tok, gpu, 8, True, True, 0)
+    train.memory_plan(train.parse_config([f"--init_from={init}", "--config=configs/mistral7b_ift.json"]),
+                      tok, gpu, 8, True, True, 0)                  # FSDP2 on 8: fits, prints the plan
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(total_memory=141 * 10**9))
+    train.memory_plan(cfg, tok, gpu, 1, False, True, 0)            # one process on a 141 GB GPU: fits
+
+
+def test_mfu_needs_a_known_peak_and_counts_ifts_extra_forward():
+    import memplan
+    import train
+    from model import ModelArgs, Transformer
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320))
+    assert memplan.peak_flops(torch.device("cpu"), True) is None
+    assert memplan.mfu(1e9, 100, 1.0, None, 1) is None                       # unknown device: no MFU
+    sft, ift = (memplan.flops_per_token(m, 64, train.parse_config([f"--loss={x}"])) for x in ("sft", "ift"))
+    assert ift == sft * 4 / 3 and sft == m.flops_per_token(64)
+    assert memplan.mfu(sft, 1000, 2.0, 1e12, 2) == sft * 1000 / 2.0 / 2e12
