@@ -83,7 +83,8 @@ def data_fingerprint(tok, examples):
     h = hashlib.sha256()
     with open(tok.path, "rb") as f:
         h.update(f.read())
-    for e in examples:
+    cached = hasattr(examples, "arrays")      # tokcache.CachedExamples: the same values, without Python lists
+    for e in (examples.arrays(i) for i in range(len(examples))) if cached else examples:
         for k in sorted(e):
             h.update(k.encode())
             h.update(np.asarray(e[k], dtype=np.int64).tobytes())

@@ -57,20 +57,29 @@ class CachedExamples(Sequence):
     def __len__(self):
         return (len(self.offsets) - 1) // len(self.fields)
 
+    def lengths(self):
+        """train.example_lengths of these examples (SFT: the sequence; pairs: prompt + longer answer)."""
+        n = np.diff(np.asarray(self.offsets)).reshape(len(self), len(self.fields))
+        return (n[:, 0] if self.kind == "sft" else n[:, 0] + n[:, 1:].max(1)).tolist()
+
     def __getitem__(self, i):
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
+        return {k: v.tolist() for k, v in self.arrays(i).items()}
+
+    def arrays(self, i):
+        """Example i as int64 numpy arrays (what refcache.data_fingerprint hashes, without Python lists)."""
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
         F = len(self.fields)
         o = self.offsets[i * F:(i + 1) * F + 1]
-        parts = [np.asarray(self.tokens[o[f]:o[f + 1]]) for f in range(F)]
+        parts = [np.asarray(self.tokens[o[f]:o[f + 1]], dtype=np.int64) for f in range(F)]
         if self.kind == "sft":
             v = parts[0]
-            return {"input_ids": np.where(v < 0, -v - 1, v).tolist(), "labels": np.where(v < 0, data.IGNORE, v).tolist()}
-        return {k: p.tolist() for k, p in zip(self.fields, parts)}
+            return {"input_ids": np.where(v < 0, -v - 1, v), "labels": np.where(v < 0, data.IGNORE, v)}
+        return dict(zip(self.fields, parts))
 
 
 def write(d, kind, examples, stats):

@@ -243,6 +243,8 @@ def check_vocab(cfg, tok):
 
 
 def example_lengths(examples):
+    if hasattr(examples, "lengths"):     # tokcache.CachedExamples: from its offsets, no example built
+        return examples.lengths()
     return [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
             for e in examples]
 

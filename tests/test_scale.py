@@ -99,17 +99,24 @@ def test_sharded_load_never_holds_the_whole_model(tmp_path):
 
 
 def test_fsdp_run_from_a_checkpoint_loads_sharded_and_equals_one_process(tmp_path, tok_path):
-    """DPO with a precomputed reference: the table's key is hashed from the shards (every rank agrees)."""
+    """DPO with a precomputed reference: the table's key is hashed from the shards (every rank agrees).
+    The data come from files: rank 0 tokenizes them into the cache, rank 1 maps it."""
+    import glob
+    import data
     import train
     from model import ModelArgs, Transformer
     from test_train import max_diff, weights
     ck = str(tmp_path / "init")
     Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
                           sliding_window=None)).init_weights(seed=3).save_pretrained(ck)
-    common = TINY + [f"--tokenizer={tok_path}", f"--init_from={ck}", "--loss=dpo", "--max_steps=2", "--eval_every=2"]
+    for name, rows in (("train", data.synthetic_pairs(64, 0)), ("eval", data.synthetic_pairs(16, 1))):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = TINY + [f"--tokenizer={tok_path}", f"--init_from={ck}", "--loss=dpo", "--max_steps=2", "--eval_every=2",
+                     f"--data={tmp_path / 'train.jsonl'}", f"--eval_data={tmp_path / 'eval.jsonl'}"]
     train.main(common + [f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8"])
     p = torchrun([GUARD] + common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4", "--parallel=fsdp"])
     assert "model load (sharded, each rank its part)" in p.stdout
+    assert len(glob.glob(str(tmp_path / "two" / "data_cache" / "pairs-*"))) == 2      # train and eval
     r1, r2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert abs(r1[0]["loss"] - r2[0]["loss"]) < 1e-6 and "eval/loss" in r2[-1]
     assert abs(r1[-1]["eval/loss"] - r2[-1]["eval/loss"]) < 1e-6
@@ -220,6 +227,7 @@ def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
 def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_token(tmp_path, tok_path, monkeypatch):
     import data
     import tokcache
+    import train
     tok, cache = data.Tokenizer(tok_path), str(tmp_path / "cache")
     for kind, rows, load, kw in (
             ("sft", data.synthetic_task(40, 0), data.load_sft, dict(max_length=40, empty_system=True)),
@@ -235,6 +243,8 @@ def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_
             again, _ = tokcache.load(load, str(src), tok, cache, 0, False, **kw)   # second start: mapped
             assert not calls and isinstance(again, tokcache.CachedExamples)
             assert list(again) == want and again[-1] == want[-1] and again[1:3] == want[1:3]
+            assert again.lengths() == train.example_lengths(want) and not calls
+            assert train.data_fingerprint(tok, again) == train.data_fingerprint(tok, want)
             tokcache.load(load, str(src), tok, cache, 0, False, **{**kw, "max_length": 30})  # other lengths
             assert calls                                                           # miss: tokenized again
         d = stats["cache"]
