@@ -123,11 +123,16 @@ def test_fsdp_run_from_a_checkpoint_loads_sharded_and_equals_one_process(tmp_pat
     assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-4
 
 
-def dcp_state(ck):
-    """The resumable state of a checkpoint (dcp/) as one flat dict of tensors, read in one process."""
+def dcp_nested(ck):
+    """The resumable state of a checkpoint (dcp/), {"model": ..., "optim": ...}, read in one process."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     out = os.path.join(ck, "..", os.path.basename(ck) + "-state.pt")
     dcp_to_torch_save(os.path.join(ck, "dcp"), out)
+    return torch.load(out, weights_only=True)
+
+
+def dcp_state(ck):
+    """dcp_nested as one flat dict {".model.name": tensor, ".optim.state.name.key": ...}."""
     flat = {}
 
     def walk(prefix, x):
@@ -139,7 +144,7 @@ def dcp_state(ck):
                 walk(f"{prefix}.{i}", v)
         else:
             flat[prefix] = x
-    walk("", torch.load(out, weights_only=True))
+    walk("", dcp_nested(ck))
     return flat
 
 
@@ -299,3 +304,24 @@ def test_mfu_needs_a_known_peak_and_counts_ifts_extra_forward():
     sft, ift = (memplan.flops_per_token(m, 64, train.parse_config([f"--loss={x}"])) for x in ("sft", "ift"))
     assert ift == sft * 4 / 3 and sft == m.flops_per_token(64)
     assert memplan.mfu(sft, 1000, 2.0, 1e12, 2) == sft * 1000 / 2.0 / 2e12
+
+
+def test_a_checkpoint_of_the_earlier_layout_still_resumes_exactly(tmp_path, tok_path):
+    """Optimizer inside trainer_state.pt, fp32 weights only in model.safetensors, no dcp/: as written before."""
+    import shutil
+    import train
+    from test_train import weights
+    common = TINY + [f"--tokenizer={tok_path}", "--loss=sft", "--max_steps=4", "--save_every=2", "--keep_last=5",
+                     "--micro_batch_size=8"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.main(common + [f"--out_dir={full}"])
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "ckpt-000004")
+    ck = cut / "ckpt-000002"
+    old = torch.load(ck / "trainer_state.pt", weights_only=True)
+    torch.save({**old, "optimizer": dcp_nested(str(ck))["optim"]}, ck / "trainer_state.pt")
+    shutil.rmtree(ck / "dcp")
+    open(cut / "metrics.jsonl", "w").writelines(l for l in open(full / "metrics.jsonl") if json.loads(l)["step"] <= 2)
+    train.main(common + [f"--out_dir={cut}", "--resume=true"])
+    a, b = weights(full), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
