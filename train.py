@@ -178,7 +178,7 @@ def _set(cfg, key, value, source):
 
 
 # ---------------------------------------------------------------------------- setup
-def load_data(cfg, rank, cache=True):
+def load_data(cfg, rank, use_cache=True):
     """Tokenizer + train/eval examples. The demo trains its own tokenizer (rank 0, then shared). --data is
     tokenized once and cached (tokcache; not by --dry_run, which writes nothing)."""
     pairwise = cfg.loss in PAIRWISE
@@ -209,7 +209,7 @@ def load_data(cfg, rank, cache=True):
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
         if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
     kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
-    cache = "" if cfg.data_cache == "none" or not cache else cfg.data_cache or os.path.join(cfg.out_dir, "data_cache")
+    cache = "" if cfg.data_cache == "none" or not use_cache else cfg.data_cache or os.path.join(cfg.out_dir, "data_cache")
     train, stats = tokcache.load(load, train_src, tok, cache, rank, cfg.progress, split=cfg.split, **kw)
     evals = tokcache.load(load, eval_src, tok, cache, rank, cfg.progress, split=cfg.eval_split, **kw)[0] \
         if eval_src is not None else []
@@ -253,7 +253,7 @@ def dry_run(cfg):
     """--dry_run: the config, the data (per source), its fingerprint and the batch plan of a run with
     WORLD_SIZE processes (environment, default 1), without building a model or starting processes."""
     world = int(os.environ.get("WORLD_SIZE", 1))
-    tok, train_ex, eval_ex, _ = load_data(cfg, 0, cache=False)
+    tok, train_ex, eval_ex, _ = load_data(cfg, 0, use_cache=False)
     check_vocab(cfg, tok)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
