@@ -102,7 +102,8 @@ def save(cfg, model, opt, state, tok, rank):
             dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
                      checkpoint_id=os.path.join(tmp, "dcp"), no_dist=not torch.distributed.is_initialized())
         if rank == 0:
-            write_checkpoint(tmp, parallel.unwrap(model).args, export, extra_files=tok.files())  # the tokenizer trained with
+            # the export, with the tokenizer trained with
+            write_checkpoint(tmp, parallel.unwrap(model).args, export, extra_files=tok.files())
             torch.save({"config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
                        os.path.join(tmp, "trainer_state.pt"))
         parallel.barrier()                        # every rank's shards are on disk
@@ -122,8 +123,9 @@ def save(cfg, model, opt, state, tok, rank):
 def load(path, model, opt):
     """Weights, optimizer and RNG into the (possibly wrapped) model; returns the trainer state. Each rank
     reads from dcp/ the shards of what it holds (FSDP2: its part; DDP: all of it, as it holds all of it)."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     state = read_trainer_state(os.path.join(path, "trainer_state.pt"))
     if os.path.isdir(os.path.join(path, "dcp")):
         import torch.distributed.checkpoint as dcp

@@ -80,15 +80,18 @@ def does_not_fit(p: dict, gpu_gib: float, a, world: int, parallel: str, **kw):
     if p["total"] <= 0.95 * gpu_gib:
         return None
     tips = []
-    if not kw.get("grad_checkpointing") and plan(a, world, parallel, **{**kw, "grad_checkpointing": True})["total"] <= 0.95 * gpu_gib:
+    ckpt = {**kw, "grad_checkpointing": True}
+    if not kw.get("grad_checkpointing") and plan(a, world, parallel, **ckpt)["total"] <= 0.95 * gpu_gib:
         tips.append("--grad_checkpointing=true")
-    w = fsdp_world_that_fits(a, 0.95 * gpu_gib, **{**kw, "grad_checkpointing": True})
+    w = fsdp_world_that_fits(a, 0.95 * gpu_gib, **ckpt)
     if w is not None:
-        tips.append(f"FSDP2 on >= {w} GPUs (torchrun --nproc_per_node={w} ... --parallel=fsdp --grad_checkpointing=true)")
+        tips.append(f"FSDP2 on >= {w} GPUs (torchrun --nproc_per_node={w} ... --parallel=fsdp "
+                    "--grad_checkpointing=true)")
     small = {**kw, "micro_batch_size": 1, "grad_checkpointing": True}
     if kw.get("micro_batch_size", 1) > 1 and plan(a, world, parallel, **small)["total"] <= 0.95 * gpu_gib:
         tips.append("a smaller --micro_batch_size with a larger --grad_accum")
-    mode = {"single": "one process", "ddp": "DDP (a full model, gradients and optimizer per GPU)", "fsdp": "FSDP2"}[parallel]
+    mode = {"single": "one process", "ddp": "DDP (a full model, gradients and optimizer per GPU)",
+            "fsdp": "FSDP2"}[parallel]
     return (f"does not fit: {mode} needs ~{p['total']:.0f} GiB per GPU ({format_plan(p)}), the GPU has "
             f"{gpu_gib:.0f} GiB; try " + (" or ".join(tips) if tips else "more GPUs with FSDP2"))
 
@@ -143,7 +146,8 @@ def main():
     for label, world, par, gpu in rows:
         for opt in ("rmsprop", "adamw"):
             for ckpt in (True, False):
-                kw = dict(micro_batch_size=8, seq_len=1024, optimizer=opt, bf16=True, grad_checkpointing=ckpt, loss="ift")
+                kw = dict(micro_batch_size=8, seq_len=1024, optimizer=opt, bf16=True, grad_checkpointing=ckpt,
+                          loss="ift")
                 p = plan(m7b, world, par, **kw)
                 why = does_not_fit(p, gpu, m7b, world, par, **kw)
                 print(f"| {label} | {opt} | {'on' if ckpt else 'off'} | " + " | ".join(f"{p[k]:.1f}" for k in keys)
