@@ -2,9 +2,11 @@
 Benchmarks. Every figure is a ratio measured inside one run (same machine, same moment), never a
 timed test.
   python bench.py                       # all CPU sections
-  python bench.py --only=model,ift      # model | ift | train | eval | sample
+  python bench.py --only=model,ift      # model | ift | train | eval | sample | scale
+  BENCH_SCALE_ROWS=200000 python bench.py --only=scale   # start-up at scale (default 20,000 rows)
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -211,6 +213,81 @@ def bench_sample():
           f"64 rows per call {32 / t[64]:.1f} prompts/s = {t[4] / t[64]:.1f}x (same samples: {same})")
 
 
+def _chat_rows(n, seed, words_per_turn):
+    """UltraChat-shaped rows: 3 user/assistant exchanges of random words (long answers, shorter questions)."""
+    import random
+    rng = random.Random(seed)
+    vocab = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(3000)]
+    say = lambda k: " ".join(rng.choice(vocab) for _ in range(k)) + "."
+    return [{"messages": [m for _ in range(3) for m in ({"role": "user", "content": say(words_per_turn // 4)},
+                                                        {"role": "assistant", "content": say(words_per_turn)})]}
+            for _ in range(n)]
+
+
+def _scale_child(mode, path, tok_path, cache):
+    """Run in a fresh process: load the chat file as train.py's start does (tokenize to Python lists, or map
+    the cache; then the lengths and the data fingerprint), report the time, the tokens and the peak RSS."""
+    import resource
+    import data
+    import tokcache
+    import train
+    tok = data.Tokenizer(tok_path)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t = time.perf_counter()
+    if mode == "lists":
+        ex, _ = data.load_sft(path, tok, max_length=2048)
+    else:
+        ex, _ = tokcache.load(data.load_sft, path, tok, cache, 0, False, max_length=2048)
+    n_tok = sum(train.example_lengths(ex))
+    train.data_fingerprint(tok, ex)           # every start hashes the examples too
+    dt = time.perf_counter() - t
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"s": dt, "rows": len(ex), "tokens": n_tok, "rss_mib": peak / 1024, "grew_mib": (peak - base) / 1024}))
+
+
+def bench_scale(rows=None):
+    """Start-up at scale: a chat file shaped like UltraChat-200k tokenized cold (Python lists), into the
+    cache, and mapped from it (rows/s, peak RSS); reference log-prob precompute pairs/s; the memory plan."""
+    import data
+    import memplan
+    import refcache
+    rows = rows or int(os.environ.get("BENCH_SCALE_ROWS", 20000))
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(data.corpus_text(_chat_rows(300, 1, 120)), f"{d}/tok", 8000)
+        per_word = len(tok.encode(" ".join(m["content"] for m in _chat_rows(20, 2, 120)[0]["messages"]))) / (
+            3 * (120 + 30))
+        words = int(1300 / 3 / per_word / 1.25)     # ~1,300 tokens a conversation (an answer = 4 questions' words)
+        path = f"{d}/chat.jsonl"
+        with open(path, "w") as f:
+            for r in _chat_rows(rows, 0, words):
+                f.write(json.dumps(r) + "\n")
+        res = {}
+        for mode in ("lists", "cold", "cached"):      # cold: tokenizes and writes the cache; cached: maps it
+            out = subprocess.run([sys.executable, __file__, "--scale_child", mode, path, f"{d}/tok.model", f"{d}/cache"],
+                                 capture_output=True, text=True, check=True).stdout
+            res[mode] = json.loads(out.strip().splitlines()[-1])
+        r = res["lists"]
+        print(f"tokenize {r['rows']} UltraChat-shaped rows ({r['tokens'] / r['rows']:.0f} tokens each, "
+              f"{os.path.getsize(path) / 2**20:.0f} MiB jsonl): to Python lists {r['rows'] / r['s']:.0f} rows/s, "
+              f"peak RSS growth {r['grew_mib']:.0f} MiB ({r['grew_mib'] * 2**20 / r['tokens']:.1f} B/token); "
+              f"into the cache {res['cold']['rows'] / res['cold']['s']:.0f} rows/s; from the cache "
+              f"{res['cached']['rows'] / res['cached']['s']:.0f} rows/s = {res['lists']['s'] / res['cached']['s']:.0f}x "
+              f"faster, peak RSS growth {res['cached']['grew_mib']:.0f} MiB "
+              f"({res['cached']['grew_mib'] * 2**20 / r['tokens']:.1f} B/token)")
+    # reference log-probs, one process, the small model: pairs/s of refcache.precompute
+    with tempfile.TemporaryDirectory() as d:
+        tok = data.train_tokenizer(data.corpus_text(data.synthetic_pairs(300, 0)), f"{d}/tok", 512)
+        ex, _ = data.load_pairs(data.synthetic_pairs(256, 1), tok, 256, 128)
+        model = Transformer(small_args(tok.vocab_size)).init_weights(seed=0)
+        batches = [list(range(i, min(i + 32, len(ex)))) for i in range(0, len(ex), 32)]
+        t = time.perf_counter()
+        refcache.precompute(model, ex, batches, tok.pad_id, False, torch.device("cpu"), contextlib.nullcontext(),
+                            f"{d}/ref.pt", 0, 1, progress=False)
+        dt = time.perf_counter() - t
+        print(f"reference log-probs (small model, {len(ex)} synthetic pairs, batches of 32): {len(ex) / dt:.0f} pairs/s")
+    memplan.main()
+
+
 def main():
     if "--gpu" in sys.argv[1:]:        # the GPU benchmark is its own module: python bench.py --gpu [--tiny] [--budget_s=N]
         import bench_gpu
@@ -219,9 +296,12 @@ def main():
     ap.add_argument("--only", default="model,ift,train,eval,sample")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--step_child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--scale_child", nargs=4, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.step_child:
         return _step_child(a.step_child, a.threads)
+    if a.scale_child:
+        return _scale_child(*a.scale_child)
     torch.set_num_threads(a.threads)
     print(f"torch {torch.__version__}, {a.threads} threads, device cpu")
     for name in a.only.split(","):

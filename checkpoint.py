@@ -1,23 +1,36 @@
 """
-Checkpoints of a training run: `ckpt-XXXXXX/` = Hugging Face layout (config.json + model.safetensors,
-loadable by `transformers`) + the tokenizer + `trainer_state.pt` (optimizer, step, data position, RNG,
-config, sampler; plain tensors and containers, so `torch.load(weights_only=True)` reads it).
-Written to a temp dir and renamed: a run killed while writing never leaves a half checkpoint that
-`--resume` would pick. Global rank 0 alone chooses what to resume and writes; the others follow.
+Checkpoints of a training run, `ckpt-XXXXXX/`:
+  config.json + model*.safetensors  the Hugging Face export (what `transformers` loads), in --save_dtype
+                                    (default: the dtype of the checkpoint the run started from; fp32 for
+                                    a random init), plus the tokenizer trained with;
+  dcp/                              the resumable state: fp32 master weights + optimizer, written by every
+                                    rank as its own shards (torch.distributed.checkpoint), read back the
+                                    same way, so no rank ever reads or holds what it does not own;
+  trainer_state.pt                  step, data position, RNG, config, sampler (plain tensors and
+                                    containers: `torch.load(weights_only=True)` reads it).
+All ranks write into one temp dir that rank 0 flushes (fsync) and renames: a run killed while writing
+never leaves a half checkpoint that `--resume` would pick. Rank 0 alone chooses what to resume.
+Checkpoints of the earlier layout (optimizer inside trainer_state.pt, no dcp/) still resume.
 """
 import dataclasses
 import glob
+import json
 import os
 import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
 
 import torch
 
 import parallel
-from model import atomic_dir, read_trainer_state, write_checkpoint
+from model import CheckpointError, read_trainer_state, swap_into_place, write_checkpoint
 
 # Values that fix which examples each optimizer step sees; a resume that changes them would silently
 # replay other batches on another schedule.
 SCHEDULE_KEYS = ("world_size", "micro_batch_size", "grad_accum")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def list_checkpoints(out_dir):
@@ -32,18 +45,75 @@ def latest(out_dir):
     return parallel.broadcast_object(found[-1] if found else None)
 
 
+@contextmanager
+def _quiet_single_process():
+    """torch.distributed.checkpoint warns on every save/load of a single-process run that it assumes one
+    process: it does, by design here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def export_dtype(cfg) -> torch.dtype:
+    """The HF export's dtype: --save_dtype, else the dtype of --init_from's config.json (Mistral's is
+    bf16: an fp32 export would double its size for bits that training at bf16 compute never used), else
+    fp32 (a random init)."""
+    if cfg.save_dtype:
+        if cfg.save_dtype not in ("fp32", "bf16", "fp16"):
+            raise CheckpointError(f"--save_dtype={cfg.save_dtype!r} is not one of fp32, bf16, fp16")
+        return DTYPES[cfg.save_dtype]
+    if not cfg.init_from:
+        return torch.float32
+    path = os.path.join(cfg.init_from, "config.json")
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        return torch.float32      # build_model reports a bad config.json
+    name = hf.get("torch_dtype") or hf.get("dtype") or "float32"   # transformers 4.x / 5.x
+    return DTYPES.get(str(name).removeprefix("torch."), torch.float32)
+
+
+def export_state(model, dtype, rank):
+    """{name: CPU tensor in `dtype`} on rank 0 ({} elsewhere), gathered one tensor at a time under FSDP2
+    (all ranks take part), so rank 0 never holds more than the export itself plus one fp32 tensor."""
+    m = parallel.unwrap(model)
+    out = {}
+    for name, t in m.state_dict().items():
+        if m.args.tie_word_embeddings and name == "lm_head.weight":
+            continue                              # the same table as embed_tokens.weight
+        t = t.full_tensor() if hasattr(t, "full_tensor") else t
+        if rank == 0:
+            out[name] = t.detach().to("cpu", dtype)
+    return out
+
+
 def save(cfg, model, opt, state, tok, rank):
-    """All ranks take part in gathering (FSDP2); rank 0 writes. Returns the checkpoint's path."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    o = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_model_state_dict(model, options=o), get_optimizer_state_dict(model, opt, options=o)
-    path = os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}")
-    if rank == 0:
-        def write(tmp):
-            write_checkpoint(tmp, parallel.unwrap(model).args, msd, extra_files=tok.files())   # the tokenizer trained with
-            torch.save({"optimizer": osd, "config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
+    """All ranks write their shards of the resumable state; rank 0 the export and trainer_state.pt, then
+    flushes and renames the temp dir. Returns the checkpoint's path."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+    path = os.path.abspath(os.path.join(cfg.out_dir, f"ckpt-{state['step']:06d}"))
+    export = export_state(model, export_dtype(cfg), rank)
+    tmp = parallel.broadcast_object(tempfile.mkdtemp(dir=os.path.dirname(path), prefix=f".tmp-{os.path.basename(path)}-")
+                                    if rank == 0 else None)
+    try:
+        with _quiet_single_process():
+            dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                     checkpoint_id=os.path.join(tmp, "dcp"), no_dist=not torch.distributed.is_initialized())
+        if rank == 0:
+            # the export, with the tokenizer trained with
+            write_checkpoint(tmp, parallel.unwrap(model).args, export, extra_files=tok.files())
+            torch.save({"config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
                        os.path.join(tmp, "trainer_state.pt"))
-        atomic_dir(path, write)
+        parallel.barrier()                        # every rank's shards are on disk
+        if rank == 0:
+            swap_into_place(tmp, path)
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if rank == 0:
         # keep_last: this checkpoint and the newest others; never the one just written, whatever its step
         others = [p for p in list_checkpoints(cfg.out_dir) if os.path.abspath(p) != os.path.abspath(path)]
         for old in others[:max(0, len(others) - (cfg.keep_last - 1))]:
@@ -53,18 +123,31 @@ def save(cfg, model, opt, state, tok, rank):
 
 
 def load(path, model, opt):
-    """Weights, optimizer and RNG into the (possibly wrapped) model; returns the trainer state."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-    sd = {}
-    for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
-        sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
-    if parallel.unwrap(model).args.tie_word_embeddings:
-        sd["lm_head.weight"] = sd["embed_tokens.weight"]
+    """Weights, optimizer and RNG into the (possibly wrapped) model; returns the trainer state. Each rank
+    reads from dcp/ the shards of what it holds (FSDP2: its part; DDP: all of it, as it holds all of it)."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict, set_model_state_dict,
+                                                         set_optimizer_state_dict)
     state = read_trainer_state(os.path.join(path, "trainer_state.pt"))
-    o = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, sd, options=o)
-    set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
+    if os.path.isdir(os.path.join(path, "dcp")):
+        import torch.distributed.checkpoint as dcp
+        sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        with _quiet_single_process():
+            dcp.load(sd, checkpoint_id=os.path.join(path, "dcp"), no_dist=not torch.distributed.is_initialized())
+        set_model_state_dict(model, sd["model"])
+        set_optimizer_state_dict(model, opt, sd["optim"])
+    else:                                         # the earlier layout: fp32 HF export + full optimizer
+        if "optimizer" not in state:
+            raise CheckpointError(f"{path}: neither dcp/ nor an optimizer in trainer_state.pt: cannot resume from it")
+        from safetensors.torch import load_file
+        sd = {}
+        for f in sorted(glob.glob(os.path.join(path, "*.safetensors"))):
+            sd.update({k.removeprefix("model."): v for k, v in load_file(f).items()})
+        if parallel.unwrap(model).args.tie_word_embeddings:
+            sd["lm_head.weight"] = sd["embed_tokens.weight"]
+        o = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(model, sd, options=o)
+        set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
     torch.set_rng_state(state["rng"])
     return state
 

@@ -628,8 +628,16 @@ def _render(where, tok, msgs, **kw):
 
 
 # ---------------------------------------------------------------------------- examples
+def _progress(items, on, desc):
+    """items, through a tqdm bar when `on` (tokenizing 200k conversations takes minutes)."""
+    if not on:
+        return items
+    from tqdm import tqdm
+    return tqdm(items, desc=desc, unit=" rows", dynamic_ncols=True, leave=False)
+
+
 def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True, split="", empty_system=False,
-             dedup_prompts=False):
+             dedup_prompts=False, progress=False):
     """SFT/IFT examples {"input_ids", "labels"} from a --data value (read_source) or a list of rows, and
     counts. Too long: keep the start; an example left without a supervised token is dropped (and
     counted). empty_system, dedup_prompts: the authors' conventions (with_system, dedup_by_prompt)."""
@@ -639,7 +647,7 @@ def load_sft(src, tok, max_length=None, *, last_turn_only=False, legacy=True, sp
     if dedup_prompts:
         items = dedup_by_prompt(items)
         st["duplicates"] = st["rows"] - len(items)
-    for where, _, msgs in items:
+    for where, _, msgs in _progress(items, progress, "tokenizing"):
         msgs = with_system(msgs) if empty_system else msgs
         st["literal_eos"] += any(EOS_TEXT in m["content"] for m in msgs)
         ids, labels = _render(where, tok, msgs, last_turn_only=last_turn_only, legacy=legacy)
@@ -670,7 +678,7 @@ def _pair(row, where, prompt_from_chosen=False):
 
 
 def load_pairs(src, tok, max_length=None, max_prompt_length=None, *, legacy=True, split="", empty_system=False,
-               dedup_prompts=False, prompt_from_chosen=False):
+               dedup_prompts=False, prompt_from_chosen=False, progress=False):
     """Pairwise examples {"prompt_ids", "chosen_ids", "rejected_ids"}: the prompt is the conversation
     before the final assistant turn plus the generation prompt; an answer is that turn's content ids
     and its EOS (all supervised). Too long (prompt + longer answer > max_length), DPO-repo style: keep
@@ -682,7 +690,7 @@ def load_pairs(src, tok, max_length=None, max_prompt_length=None, *, legacy=True
     if dedup_prompts:
         items = dedup_by_prompt(items)
         st["duplicates"] = st["rows"] - len(items)
-    for where, _, c, r in items:
+    for where, _, c, r in _progress(items, progress, "tokenizing"):
         c, r = (with_system(c), with_system(r)) if empty_system else (c, r)
         st["literal_eos"] += any(EOS_TEXT in m["content"] for m in c + r[-1:])
         prompt = _render(where, tok, c[:-1], add_generation_prompt=True, legacy=legacy)[0]

@@ -478,15 +478,7 @@ class Transformer(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None) -> "Transformer":
         """Load a Hugging Face checkpoint directory (single file or shards). Built on the meta device
         and filled tensor by tensor with assign=True, so a 7B load never holds two copies in RAM."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
-            raise CheckpointError(f"{path}: no config.json")
-        try:
-            with open(cfg_path) as f:
-                cfg = json.load(f)
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
-        args = ModelArgs.from_hf_config(cfg, cfg_path)
+        args, cfg_path = read_args(path), os.path.join(path, "config.json")
         dtype = dtype or torch.float32
         with torch.device("meta"):
             model = cls(args)
@@ -565,6 +557,19 @@ def sample(logits, temperature: float, top_k=None, top_p=None, generator=None, r
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def read_args(path) -> ModelArgs:
+    """ModelArgs of a Hugging Face checkpoint directory, from its config.json."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        with open(cfg_path) as f:
+            cfg = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_path}: invalid JSON ({e})") from None
+    return ModelArgs.from_hf_config(cfg, cfg_path)
+
+
 def _open_safetensors(fname):
     """safe_open, with a truncated or foreign file reported as a CheckpointError naming it (safetensors
     checks the header against the file size, so a cut-off download fails here, not mid-load)."""
@@ -580,7 +585,7 @@ def read_trainer_state(path):
     (a user error: resume from the checkpoint before), not a traceback from deep inside torch."""
     try:
         state = torch.load(path, weights_only=True)
-        missing = [k for k in ("optimizer", "rng", "step", "epoch") if k not in state]
+        missing = [k for k in ("rng", "step", "epoch") if k not in state]   # optimizer: in dcp/ or here (old)
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
     except Exception as e:
@@ -670,14 +675,44 @@ def atomic_dir(path, write_fn):
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(path)}-")
     try:
         write_fn(tmp)
-        _honour_umask(tmp)
-        if os.path.exists(path):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
-            os.rename(path, os.path.join(old, "x"))
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
+        swap_into_place(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def fsync_tree(root):
+    """Flush every file under `root` and the directories themselves to disk: a rename is only as durable
+    as what it names, and after a power cut a renamed directory of unflushed files is a corrupt checkpoint."""
+    for d, _, files in os.walk(root, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(d, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(d)
+
+
+def _fsync_dir(d):
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def swap_into_place(tmp, path):
+    """Flush the finished temp dir `tmp`, then rename it to `path` (the old `path`, if any, moved aside
+    first and deleted after) and flush the parent so the rename itself survives a crash."""
+    parent = os.path.dirname(path)
+    _honour_umask(tmp)
+    fsync_tree(tmp)
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(path)}-")
+        os.rename(path, os.path.join(old, "x"))
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+    _fsync_dir(parent)

@@ -83,7 +83,8 @@ def data_fingerprint(tok, examples):
     h = hashlib.sha256()
     with open(tok.path, "rb") as f:
         h.update(f.read())
-    for e in examples:
+    cached = hasattr(examples, "arrays")      # tokcache.CachedExamples: the same values, without Python lists
+    for e in (examples.arrays(i) for i in range(len(examples))) if cached else examples:
         for k in sorted(e):
             h.update(k.encode())
             h.update(np.asarray(e[k], dtype=np.int64).tobytes())
@@ -93,11 +94,16 @@ def data_fingerprint(tok, examples):
 def fingerprint(cfg, data_fp, model, compute: str = ""):
     """Key of a cached table: the data's fingerprint, the objective (KTO adds KL rows), the compute
     precision/wrapping (`compute`, e.g. "bf16-fsdp": an fp32 table would bias a bf16 run) and the reference
-    weights themselves (a slice and the sum of every tensor)."""
+    weights themselves (a slice and the sum of every tensor; of every rank's shard when loaded sharded)."""
     h = hashlib.sha256(json.dumps([data_fp, cfg.loss] + ([compute] if compute else [])).encode())
+    sharded = False
     for name, p in sorted(model.state_dict().items()):
+        if hasattr(p, "to_local"):     # FSDP2 loaded sharded: hash this rank's part, then every rank's hashes
+            p, sharded = p.to_local(), True
         flat = p.detach().reshape(-1).float()
         h.update(name.encode())
         h.update(flat[: 1 << 18].cpu().numpy().tobytes())
         h.update(repr(float(flat.sum())).encode())
+    if sharded:
+        h = hashlib.sha256("".join(parallel.gather_objects(h.hexdigest())).encode())
     return h.hexdigest()[:16]

@@ -27,9 +27,11 @@ import checkpoint
 import flags
 import data
 import ift
+import memplan
 import onpolicy
 import parallel
 import refcache
+import tokcache
 from checkpoint import list_checkpoints  # noqa: F401  (public: tests and scripts list a run's checkpoints)
 from model import ModelArgs, Transformer, atomic_dir  # noqa: F401
 from refcache import data_fingerprint, fingerprint  # noqa: F401
@@ -56,6 +58,7 @@ class Config:
     empty_system: bool = False      # authors' convention: an empty system message when a conversation has none
     dedup_prompts: bool = False     # authors' convention: one example per prompt, the last one
     prompt_from_chosen: bool = False  # authors' convention: pair prompt = chosen[:-1]
+    data_cache: str = ""            # tokenized --data, memory-mapped (tokcache.py): "" = out_dir/data_cache | DIR | none
     # model
     init_from: str = ""             # Hugging Face checkpoint dir to start from; "" = random init of this shape:
     dim: int = 256                  # random init: hidden size
@@ -127,6 +130,7 @@ class Config:
     gen_eval: int = 100             # demo only: held-out generation exact match on this many prompts at the end
     progress: bool = True           # progress bars (only on a terminal)
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
+    save_dtype: str = ""            # HF export dtype: "" = --init_from's (bf16 for Mistral; fp32 random init) | fp32 | bf16 | fp16
 
 
 CHOICES = {"loss": ("sft", "ift", "dft") + PAIRWISE + ("rwr", "reinforce"), "ref": ("precompute", "online"),
@@ -179,10 +183,11 @@ def _set(cfg, key, value, source):
 
 
 # ---------------------------------------------------------------------------- setup
-def load_data(cfg, rank):
+def load_data(cfg, rank, use_cache=True):
     """Tokenizer + train/eval examples (+ the demo's held-out rows). Without --tokenizer or --init_from (the
     demo, or --data from scratch) rank 0 trains a sentencepiece tokenizer on the training text into out_dir,
-    named after what it was trained on. The vocabulary is checked against the model before tokenizing."""
+    named after what it was trained on. The vocabulary is checked against the model before tokenizing.
+    --data is tokenized once and cached (tokcache; not by --dry_run, which writes nothing)."""
     pairwise = cfg.loss in PAIRWISE
     if cfg.data:
         train_src, eval_src, demo = cfg.data, cfg.eval_data or None, None
@@ -213,8 +218,10 @@ def load_data(cfg, rank):
     kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
         if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
     kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
-    train, stats = load(train_src, tok, split=cfg.split, **kw)
-    evals = load(eval_src, tok, split=cfg.eval_split, **kw)[0] if eval_src is not None else []
+    cache = "" if cfg.data_cache == "none" or not use_cache else cfg.data_cache or os.path.join(cfg.out_dir, "data_cache")
+    train, stats = tokcache.load(load, train_src, tok, cache, rank, cfg.progress, split=cfg.split, **kw)
+    evals = tokcache.load(load, eval_src, tok, cache, rank, cfg.progress, split=cfg.eval_split, **kw)[0] \
+        if eval_src is not None else []
     if rank == 0:
         sources = stats.pop("sources", [])
         print(f"data: {len(train)} train / {len(evals)} eval examples; {stats}")
@@ -245,6 +252,8 @@ def check_vocab(cfg, tok):
 
 
 def example_lengths(examples):
+    if hasattr(examples, "lengths"):     # tokcache.CachedExamples: from its offsets, no example built
+        return examples.lengths()
     return [len(e["input_ids"]) if "input_ids" in e else len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"]))
             for e in examples]
 
@@ -255,7 +264,7 @@ def dry_run(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.init_from:
         cfg.init_from = checkpoint.resolve_model(cfg.init_from)
-    tok, train_ex, eval_ex, _ = load_data(cfg, 0)
+    tok, train_ex, eval_ex, _ = load_data(cfg, 0, use_cache=False)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
     gbs = cfg.micro_batch_size * cfg.grad_accum * world
@@ -270,19 +279,45 @@ def dry_run(cfg):
     return plan
 
 
-def build_model(cfg, tok, device):
-    if cfg.init_from:
+def build_model(cfg, tok, device, fsdp_bf16=None):
+    """fsdp_bf16 not None (FSDP2 with --init_from): loaded already sharded, each rank reading only its part
+    of the files (parallel.load_sharded), so no rank ever holds the whole fp32 model."""
+    if cfg.init_from and fsdp_bf16 is not None:
+        model = parallel.load_sharded(cfg.init_from, device, fsdp_bf16)
+    elif cfg.init_from:
         model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
     else:
-        args = ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
-                         head_dim=cfg.dim // cfg.n_heads, hidden_dim=cfg.hidden_dim, vocab_size=tok.vocab_size,
-                         sliding_window=None, max_position_embeddings=cfg.max_length,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-        model = Transformer(args).init_weights(std=0.02, seed=cfg.seed).to(device)
+        model = Transformer(model_args(cfg, tok)).init_weights(std=0.02, seed=cfg.seed).to(device)
     if cfg.freeze_input_embeddings and not model.args.tie_word_embeddings:
         model.embed_tokens.weight.requires_grad_(False)  # never trained: keeps DDP from waiting on it
     model.set_activation_checkpointing(cfg.grad_checkpointing)
     return model
+
+
+def model_args(cfg, tok):
+    """The architecture: --init_from's config.json, else a random init's from the config."""
+    if cfg.init_from:
+        from model import read_args
+        return read_args(cfg.init_from)
+    return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
+                     head_dim=cfg.dim // cfg.n_heads, hidden_dim=cfg.hidden_dim, vocab_size=tok.vocab_size,
+                     sliding_window=None, max_position_embeddings=cfg.max_length,
+                     bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+
+
+def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
+    """Print the per-GPU memory plan (memplan.py); on a GPU a run that cannot fit stops here, before the load."""
+    a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
+    kw = dict(micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
+              grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss)
+    p = memplan.plan(a, world, par, **kw)
+    if rank == 0:
+        print(memplan.format_plan(p))
+    if device.type == "cuda":
+        why = memplan.does_not_fit(p, torch.cuda.get_device_properties(device).total_memory / memplan.GiB, a, world,
+                                   par, **kw)
+        if why:
+            sys.exit(f"error: {why}")
 
 
 def lr_at(cfg, step, total):
@@ -352,6 +387,8 @@ def frozen_reference(cfg, model, device, bf16, fsdp):
     does (bf16 parameters); elsewhere it runs in the policy's autocast context (make_batch)."""
     if cfg.loss not in NEEDS_REF or cfg.reference_free or not (cfg.ref == "online" or cfg.onpolicy_every):
         return None
+    if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
+        return parallel.load_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
     import copy
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
@@ -453,8 +490,13 @@ def train(cfg, rank, local, world, distributed):
         cfg.init_from = parallel.broadcast_object(checkpoint.resolve_model(cfg.init_from) if rank == 0 else None)
     if not cfg.eval_only:
         guard_out_dir(cfg, rank)
+    checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")     # TF32 for the fp32 matmuls (fp32 runs, fp32 heads)
     tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
-    model = build_model(cfg, tok, device)
+    memory_plan(cfg, tok, device, world, distributed, bf16, rank)
+    t_load, sharded = time.time(), fsdp and bool(cfg.init_from)
+    model = build_model(cfg, tok, device, bf16 if sharded else None)
     data_fp = refcache.data_fingerprint(tok, train_ex)
 
     lengths = example_lengths(train_ex)
@@ -474,7 +516,9 @@ def train(cfg, rank, local, world, distributed):
     # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
     keys = table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed)
     ref_model = frozen_reference(cfg, model, device, bf16, fsdp)
-    model = parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    model = model if sharded else parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    if rank == 0:       # the load's peak, apart from training's (whose peak counter starts here)
+        print(memplan.load_report(time.time() - t_load, device, sharded))
     # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
     # optimizer built then would hold those instead of the sharded master weights.
     opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -524,10 +568,12 @@ def train(cfg, rank, local, world, distributed):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         start_metrics(metrics_path, state["step"])
-    t0, tokens, last_log, plan_epoch = time.time(), 0, {}, None
+    t_start, tokens, last_log, plan_epoch = time.time(), 0, {}, None
+    busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
+    flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
     model.train()
     while state["step"] < total:
-        step = state["step"]
+        step, t0 = state["step"], time.time()
         epoch, k = divmod(step, steps_per_epoch)
         if plan_epoch != epoch:
             plan, plan_epoch = plan_of(epoch), epoch
@@ -566,6 +612,7 @@ def train(cfg, rank, local, world, distributed):
                              f"Last good checkpoint: {last or 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
+        busy += time.time() - t0
         state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
@@ -573,10 +620,11 @@ def train(cfg, rank, local, world, distributed):
                 vals = parallel.all_reduce(torch.tensor(list(acc.values()), device=device))
                 acc = dict(zip(acc, (vals / world).tolist()))
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
-            dt = time.time() - t0
+            dt = max(busy, 1e-9)
             rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
+            if memplan.mfu(flops_tok, tokens, dt, peak, world) is not None:
+                rec["mfu"] = memplan.mfu(flops_tok, tokens, dt, peak, world)
             if device.type == "cuda":
-                rec["mfu"] = parallel.unwrap(model).flops_per_token(cfg.max_length) * tokens / dt / (989e12 * world)
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if sampler is not None:
                 rec.update(sampler.stats)
@@ -586,8 +634,9 @@ def train(cfg, rank, local, world, distributed):
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             if not show_bar:
                 print(f"step {state['step']}/{total} | loss {acc['loss']:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
-                      + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {dt:.0f} s", flush=True)
-            last_log = rec
+                      + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {time.time() - t_start:.0f} s",
+                      flush=True)
+            last_log, tokens, busy = rec, 0, 0.0
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
             ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
             if rank == 0 and ev:
