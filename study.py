@@ -350,12 +350,17 @@ def write_atomic(path, text):
     os.replace(tmp, path)
 
 
+def _bool(v):
+    if v.lower() not in ("true", "1", "false", "0"):
+        raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+    return v.lower() in ("true", "1")
+
+
 def parse(argv=None) -> Config:
     p = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
     for f in fields(Config):
         if f.type in (bool, "bool"):
-            p.add_argument(f"--{f.name}", type=lambda v: {"true": True, "1": True, "false": False, "0": False}[v.lower()],
-                           nargs="?", const=True, default=argparse.SUPPRESS)
+            p.add_argument(f"--{f.name}", type=_bool, nargs="?", const=True, default=argparse.SUPPRESS)
         else:
             p.add_argument(f"--{f.name}", type=type(f.default), default=argparse.SUPPRESS)
     given = vars(p.parse_args(argv))
