@@ -42,8 +42,8 @@ import train
 class Config:
     seeds: int = 8                  # seeds seed0 .. seed0 + seeds - 1
     seed0: int = 0
-    steps: int = 100                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
-    n_train: int = 1600             # synthetic training rows per seed (2 epochs of 100 x 32)
+    steps: int = 400                # optimizer steps per arm (the x4/3 arm: round(4/3 of it))
+    n_train: int = 3200             # synthetic training rows per seed (4 epochs of 400 x 32)
     n_heldout: int = 500            # unseen prompts scored per run (NLL and exact match)
     micro_batch_size: int = 32
     lr: float = 1e-3                # train.py's default, the same for every arm (no tuning)
