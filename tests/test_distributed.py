@@ -20,15 +20,6 @@ GUARD = os.path.join(ROOT, "tests", "collective_guard.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    import data
-    d = tmp_path_factory.mktemp("tok")
-    rows = data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)
-    data.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
-    return str(d / "tok.model")
-
-
 def torchrun(script_and_args, nproc=2, timeout=300):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + script_and_args
     p = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout, cwd=ROOT)

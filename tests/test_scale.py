@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from test_distributed import GUARD, ROOT, metrics, torchrun  # noqa: F401
-from test_train import TINY, tok_path  # noqa: F401  (fixture)
+from test_train import TINY
 
 # Counts every gradient a rank holds after a micro-step's backward: the sharded .grad (local part of the
 # DTensor) and what FSDP2 keeps unsharded between micro-steps when gradient sync is off.

@@ -10,21 +10,12 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import data
 import train
 from test_train import ROOT, TINY
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    rows = data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)
-    data.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
-    return str(d / "tok.model")
 
 
 def script(name, args, cwd=ROOT, timeout=300):

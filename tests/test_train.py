@@ -20,14 +20,6 @@ TINY = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_d
         "--n_eval=16", "--gen_eval=0", "--progress=false", "--log_every=1", "--lr=3e-3", "--warmup_ratio=0"]
 
 
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tok")
-    rows = data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)
-    data.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
-    return str(d / "tok.model")
-
-
 def run(args, nproc=1, timeout=300, check=True):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
