@@ -199,7 +199,7 @@ def clear_run(out_dir):
             os.remove(p)
 
 
-def resolve_model(path):
+def resolve_model(path, verbose=True):
     """A checkpoint directory to load: `path` itself (it has a config.json), or the newest complete checkpoint
     of the run directory `path` (e.g. `out`). Anything else is a CheckpointError naming what is missing."""
     from model import CheckpointError
@@ -210,5 +210,6 @@ def resolve_model(path):
     found = list_checkpoints(path)
     if not found:
         raise CheckpointError(f"{path}: neither a checkpoint (no config.json) nor a run directory (no ckpt-*)")
-    print(f"{path} is a run directory: using its newest checkpoint {found[-1]}")
+    if verbose:
+        print(f"{path} is a run directory: using its newest checkpoint {found[-1]}")
     return found[-1]

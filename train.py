@@ -407,12 +407,15 @@ def reference_tables(cfg, model, keys, train_ex, eval_ex, plans0, pad_id, device
     return tables
 
 
-def table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed):
-    """Cache keys of the reference tables, from the initial (unwrapped) weights, or None if no table is used."""
+def table_keys(cfg, model, tok, data_fp, eval_ex, bf16, distributed, world):
+    """Cache keys of the reference tables, from the initial (unwrapped) weights, or None if no table is used.
+    The batch schedule is part of the key: the table is computed in the training micro-batches (refcache)."""
     if cfg.loss not in NEEDS_REF or cfg.reference_free or cfg.ref == "online" or cfg.onpolicy_every:
         return None
-    compute = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if distributed else 'single'}"
-    return [refcache.fingerprint(cfg, refcache.data_fingerprint(tok, ex), model, compute) for ex in (train_ex, eval_ex)]
+    mode = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if distributed else 'single'}"
+    train_key = f"{mode}-mb{cfg.micro_batch_size}-acc{cfg.grad_accum}-seed{cfg.seed}-world{world}"
+    return [refcache.fingerprint(cfg, data_fp, model, train_key),
+            refcache.fingerprint(cfg, refcache.data_fingerprint(tok, eval_ex), model, f"{mode}-mb{cfg.micro_batch_size}-world{world}")]
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -487,7 +490,7 @@ def train(cfg, rank, local, world, distributed):
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
     torch.manual_seed(cfg.seed)
     if cfg.init_from:   # a run's out_dir means its newest checkpoint
-        cfg.init_from = parallel.broadcast_object(checkpoint.resolve_model(cfg.init_from) if rank == 0 else None)
+        cfg.init_from = checkpoint.resolve_model(cfg.init_from, verbose=rank == 0)   # every rank: same error
     if not cfg.eval_only:
         guard_out_dir(cfg, rank)
     checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
@@ -514,7 +517,7 @@ def train(cfg, rank, local, world, distributed):
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
     state = {"step": 0, "epoch": 0, **run_info}
     # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
-    keys = table_keys(cfg, model, tok, train_ex, eval_ex, bf16, distributed)
+    keys = table_keys(cfg, model, tok, data_fp, eval_ex, bf16, distributed, world)
     ref_model = frozen_reference(cfg, model, device, bf16, fsdp)
     model = model if sharded else parallel.wrap(model, cfg.parallel, device, bf16, distributed)
     if rank == 0:       # the load's peak, apart from training's (whose peak counter starts here)
@@ -524,7 +527,7 @@ def train(cfg, rank, local, world, distributed):
     opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_table = eval_ref_table = None
     if keys:
-        ref_table, eval_ref_table = reference_tables(cfg, model, keys, train_ex, eval_ex,
+        ref_table, eval_ref_table = reference_tables(cfg, model, keys, [] if cfg.eval_only else train_ex, eval_ex,
                                                      [plan_of(0, r) for r in range(world)], tok.pad_id, device, ctx,
                                                      rank, world)
     sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
@@ -584,8 +587,9 @@ def train(cfg, rank, local, world, distributed):
                                   max_lambda=cfg.lam, noise_std=cfg.lam_noise_std, seed=cfg.seed)
         if sampler is not None and sampler.due(step):
             horizon = total if cfg.sampling == "offline" else min(step + cfg.onpolicy_every, total)
+            plans = {e: plan_of(e) for e in range(step // steps_per_epoch, (horizon - 1) // steps_per_epoch + 1)}
             upcoming = [i for s in range(step, horizon)
-                        for mb in plan_of(s // steps_per_epoch)[s % steps_per_epoch] for i in mb]
+                        for mb in plans[s // steps_per_epoch][s % steps_per_epoch] for i in mb]
             sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx, lockstep=fsdp)  # *current* weights
         acc = {}
         for a, idx in enumerate(plan[k]):
@@ -622,8 +626,9 @@ def train(cfg, rank, local, world, distributed):
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = max(busy, 1e-9)
             rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
-            if memplan.mfu(flops_tok, tokens, dt, peak, world) is not None:
-                rec["mfu"] = memplan.mfu(flops_tok, tokens, dt, peak, world)
+            mfu = memplan.mfu(flops_tok, tokens, dt, peak, world)
+            if mfu is not None:
+                rec["mfu"] = mfu
             if device.type == "cuda":
                 rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if sampler is not None:
@@ -671,7 +676,8 @@ def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_
 
 def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, fsdp, what):
     """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
-    then exactly those of the run's own final evaluation); writes nothing."""
+    then exactly those of the run's own final evaluation); writes no checkpoint and no metrics (the held-out
+    reference table may be cached)."""
     summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
                                                rank, world, fsdp)}
     if rank == 0:
@@ -695,13 +701,21 @@ def guard_out_dir(cfg, rank):
     parallel.barrier()
 
 
+def _record_step(line):
+    """The step of one metrics.jsonl line; a torn last line (a kill mid-write) counts as after any step."""
+    try:
+        return json.loads(line).get("step", 0) if line.strip() else float("inf")
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 def start_metrics(path, step):
     """metrics.jsonl of this run only: empty for a new run; on resume, the records up to the resumed step
     (what the killed run logged after its last checkpoint is replayed, not duplicated)."""
     keep = []
     if step and os.path.isfile(path):
         with open(path) as f:
-            keep = [l for l in f if l.strip() and json.loads(l).get("step", 0) <= step]
+            keep = [l for l in f if _record_step(l) <= step]
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
