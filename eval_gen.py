@@ -566,6 +566,7 @@ def main(argv=None):
         write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
         print(one_line(s) + f" -> {os.path.join(args.out, args.task)}.jsonl")
     if world > 1:
+        dist.barrier()              # all ranks end together: none closes its connections while rank 0 writes
         dist.destroy_process_group()
 
 

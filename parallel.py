@@ -27,6 +27,13 @@ def setup(timeout_s: float = 3600):
     return dist.get_rank(), local, dist.get_world_size(), True
 
 
+def shutdown():
+    """End the process group on every rank at once (a barrier first), before the interpreter exits."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier():
     if dist.is_initialized():
         dist.barrier()

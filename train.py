@@ -475,11 +475,12 @@ def global_flag(bad: bool, device) -> bool:
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, local, world, distributed = parallel.setup(cfg.dist_timeout_s)
-    try:
-        return train(cfg, rank, local, world, distributed)
-    finally:
-        if distributed and dist.is_initialized():
-            dist.destroy_process_group()
+    out = train(cfg, rank, local, world, distributed)
+    # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
+    # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
+    # connections while another still writes or reads.
+    parallel.shutdown()
+    return out
 
 
 def train(cfg, rank, local, world, distributed):

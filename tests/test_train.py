@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import data
 import train
+from conftest import teardown_abort_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--n_train=64",
@@ -25,7 +26,7 @@ def run(args, nproc=1, timeout=300, check=True):
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
            if nproc > 1 else [sys.executable]) + [os.path.join(ROOT, "train.py")] + args
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
-    if check and p.returncode != 0:
+    if check and p.returncode != 0 and not (nproc > 1 and teardown_abort_only(p, '{"final_train_loss"')):
         raise AssertionError(f"{cmd} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
 
