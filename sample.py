@@ -8,7 +8,6 @@ Sample from a checkpoint: prompts in, the checkpoint's chat template applied, ge
 --model is a checkpoint directory (config.json + safetensors + its tokenizer) or a run's out_dir. Every
 option: `python sample.py --help`.
 """
-import os
 import sys
 from dataclasses import dataclass
 
