@@ -78,7 +78,9 @@ def wrap(model, parallel: str, device, bf16: bool, distributed: bool):
         return model
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # Gradients as views into DDP's reduction buckets: otherwise every gradient exists twice (its own
+        # tensor and its bucket slot), a second fp32 model's worth of memory.
+        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for layer in model.layers:

@@ -466,9 +466,11 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
     return float(hits[0] / hits[1].clamp(min=1)), example
 
 
-def global_flag(bad: bool, device) -> bool:
-    """True on every rank if any rank saw `bad` (one tiny all-reduce: all ranks then stop together)."""
-    return bool(parallel.all_reduce(torch.tensor([float(bad)], device=device), dist.ReduceOp.MAX)[0] > 0)
+def global_flag(bad, device) -> bool:
+    """True on every rank if any rank saw `bad` (a bool or a bool tensor on the device; one tiny all-reduce and
+    one host sync per call: all ranks then stop together)."""
+    flag = torch.as_tensor(bad, device=device).to(torch.float32).reshape(1)
+    return bool(parallel.all_reduce(flag, dist.ReduceOp.MAX)[0] > 0)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -603,17 +605,20 @@ def train(cfg, rank, local, world, distributed):
                 if "loss_scale" in batch:      # on-policy micro-batch without a usable pair
                     loss = loss * batch["loss_scale"]
                 (loss / len(plan[k])).backward()
-            tokens += int(batch["attention_mask"].sum()) * world
+            # Running sums stay on the device (float64: the same sums Python floats gave): a float() per
+            # metric per micro-step would stall the GPU queue; they are read once, at log steps.
+            tokens = tokens + batch["attention_mask"].sum()
             for key, v in {"loss": loss, **m}.items():
-                acc[key] = acc.get(key, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / len(plan[k])
+                v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+                acc[key] = acc.get(key, 0.0) + v.to(device) / len(plan[k])
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout.
-        if global_flag(not (math.isfinite(acc["loss"]) and math.isfinite(float(gnorm))), device):
+        if global_flag(~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)), device):
             last = checkpoint.latest(cfg.out_dir)
-            raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss {acc['loss']}, "
-                             f"grad norm {float(gnorm)}); stopping without saving. "
+            raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss "
+                             f"{float(acc['loss'])}, grad norm {float(gnorm)}); stopping without saving. "
                              f"Last good checkpoint: {last or 'none'}")
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -621,9 +626,11 @@ def train(cfg, rank, local, world, distributed):
         state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
         bar.update(1)
         if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            if distributed:   # log the global mean, not rank 0's share (every rank joins the reduce)
-                vals = parallel.all_reduce(torch.tensor(list(acc.values()), device=device))
-                acc = dict(zip(acc, (vals / world).tolist()))
+            # The global mean, not rank 0's share, and every rank's real token count (rows differ in length):
+            # every rank joins this one reduce.
+            vals = parallel.all_reduce(torch.stack(list(acc.values()) + [tokens.double()]))
+            acc = dict(zip(acc, (vals[:-1] / world).tolist()))
+            tokens = float(vals[-1])
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = max(busy, 1e-9)
             rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
@@ -642,7 +649,9 @@ def train(cfg, rank, local, world, distributed):
                 print(f"step {state['step']}/{total} | loss {acc['loss']:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
                       + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {time.time() - t_start:.0f} s",
                       flush=True)
-            last_log, tokens, busy = rec, 0, 0.0
+            last_log, busy = rec, 0.0
+        if state["step"] % cfg.log_every == 0 or state["step"] == total:
+            tokens = 0
         if cfg.eval_every and state["step"] % cfg.eval_every == 0:
             ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
             if rank == 0 and ev:
