@@ -17,7 +17,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-import torch.distributed as dist
 
 import data
 import ift
@@ -117,12 +116,12 @@ class Sampler:
         return self.cfg.sampling == "onpolicy" and step % self.cfg.onpolicy_every == 0 and step != self.round_step
 
     @torch.no_grad()
-    def refresh(self, model, step, indices, device, ctx=None, lockstep=False):
+    def refresh(self, model, step, indices, device, ctx=None):
         """Sample N responses for every prompt in `indices` from the current weights, sample_batch_size rows
         (prompt x sample) per generate call. Each row draws from its own seed (seed, step, prompt, sample),
-        so what it samples does not depend on how rows are batched or sharded over ranks. lockstep (FSDP2):
-        every rank makes the same number of generate calls, each running all max_new_tokens steps, because
-        each forward all-gathers parameters with the other ranks."""
+        so what it samples does not depend on how rows are batched or sharded over ranks. Under FSDP2 the
+        model is gathered once for the round (parallel.gathered): generate then makes no collective, so each
+        rank makes as many calls as its own rows need, each ending when its rows stop."""
         cfg, tok = self.cfg, self.tok
         was_training = model.training
         model.eval()
@@ -130,20 +129,15 @@ class Sampler:
         rows = [(i, j) for i in sorted(set(indices)) for j in range(cfg.n_samples)]
         prompts = {i: prompt_of(self.examples[i]) for i, _ in rows}
         rows.sort(key=lambda r: len(prompts[r[0]]))        # little left padding per call
-        chunks = [rows[a:a + cfg.sample_batch_size] for a in range(0, len(rows), cfg.sample_batch_size)]
-        n_calls = len(chunks)
-        if lockstep:
-            n_calls = int(parallel.all_reduce(torch.tensor([n_calls], device=device), dist.ReduceOp.MAX)[0])
         got = {}
-        for c in range(n_calls):
-            part = chunks[c] if c < len(chunks) else None
-            ps = [prompts[i] for i, _ in part] if part else [[tok.bos_id]]     # a dummy call keeps step
-            seeds = [stable_seed(cfg.seed, step, i, j) for i, j in part] if part else [0]
-            with ctx or nullcontext():
-                outs = model.generate(ps, cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-                                      row_seeds=seeds, stop_ids=[tok.eos_id], until_all_stop=not lockstep)
-            for r, o in zip(part or [], outs):
-                got[r] = o
+        with parallel.gathered(model):
+            for a in range(0, len(rows), cfg.sample_batch_size):
+                part = rows[a:a + cfg.sample_batch_size]
+                with ctx or nullcontext():
+                    outs = model.generate([prompts[i] for i, _ in part], cfg.max_new_tokens,
+                                          temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=[tok.eos_id],
+                                          row_seeds=[stable_seed(cfg.seed, step, i, j) for i, j in part])
+                got.update(zip(part, outs))
         self.samples = {}
         for i in sorted(prompts):
             outs = [got[(i, j)] for j in range(cfg.n_samples)]

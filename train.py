@@ -444,20 +444,18 @@ def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model, ra
 
 
 @torch.no_grad()
-def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=0, world=1, lockstep=False):
-    """Held-out exact match on the demo task: greedy answers scored by data.check_answer, prompts
-    sharded over ranks (every rank runs the same number of generate calls: FSDP2 forwards are collective)."""
+def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=0, world=1):
+    """Held-out exact match on the demo task: greedy answers scored by data.check_answer, prompts sharded
+    over ranks (under FSDP2 gathered once, parallel.gathered: ranks need not make equally many calls)."""
     rows = rows[:n]
     chunks = [rows[i:i + 32] for i in range(0, len(rows), 32)]
-    mine = parallel.even_share(chunks, rank, world)
     model.eval()
     hits, example = torch.zeros(2, dtype=torch.float64, device=device), ""
-    for c in mine:
-        part = c if c is not None else chunks[0]
-        prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
-        with ctx:
-            outs = model.generate(prompts, 48, stop_ids=[tok.eos_id], until_all_stop=not lockstep)
-        if c is not None:
+    with parallel.gathered(model):
+        for part in chunks[rank::world]:
+            prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
+            with ctx:
+                outs = model.generate(prompts, 48, stop_ids=[tok.eos_id])
             hits += torch.tensor([sum(data.check_answer(r, tok.decode(o)) for r, o in zip(part, outs)), len(part)],
                                  dtype=torch.float64, device=device)
             example = example or tok.decode(outs[0])
@@ -550,7 +548,7 @@ def train(cfg, rank, local, world, distributed):
                 print(f"warning: {w}")
     if cfg.eval_only:
         return evaluate_only(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
-                             world, fsdp, resume_from or cfg.init_from or "random init")
+                             world, resume_from or cfg.init_from or "random init")
     if state["step"] >= total:
         if rank == 0:
             print(f"{resume_from} is the end of this run (step {state['step']} of {total}): nothing to train")
@@ -593,7 +591,7 @@ def train(cfg, rank, local, world, distributed):
             plans = {e: plan_of(e) for e in range(step // steps_per_epoch, (horizon - 1) // steps_per_epoch + 1)}
             upcoming = [i for s in range(step, horizon)
                         for mb in plans[s // steps_per_epoch][s % steps_per_epoch] for i in mb]
-            sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx, lockstep=fsdp)  # *current* weights
+            sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx)  # *current* weights
         acc = {}
         for a, idx in enumerate(plan[k]):
             if sampler is not None:
@@ -664,19 +662,19 @@ def train(cfg, rank, local, world, distributed):
     path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
     summary.update(final_eval(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
-                              world, fsdp))
+                              world))
     if rank == 0:
         print(json.dumps(summary))
         plot_curve(metrics_path)
     return summary
 
 
-def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, fsdp):
+def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world):
     """Held-out metrics, and on the demo task the generation exact match: the end of a run and --eval_only."""
     out = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_table, ref_model, rank, world)
     if demo_rows is not None and cfg.gen_eval:
         em, example = generation_exact_match(parallel.unwrap(model), tok, demo_rows, cfg.gen_eval, device, ctx,
-                                             rank, world, lockstep=fsdp)
+                                             rank, world)
         out["heldout_exact_match"] = em
         if rank == 0:
             print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_rows))} "
@@ -684,12 +682,12 @@ def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_
     return out
 
 
-def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, fsdp, what):
+def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, what):
     """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
     then exactly those of the run's own final evaluation); writes no checkpoint and no metrics (the held-out
     reference table may be cached)."""
     summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
-                                               rank, world, fsdp)}
+                                               rank, world)}
     if rank == 0:
         print(json.dumps(summary))
     return summary

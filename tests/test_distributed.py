@@ -74,31 +74,61 @@ def test_two_process_sampled_run_equals_single_process(tmp_path_factory, tok_pat
     assert max_diff(weights(one), weights(two)) < (1e-4 if loss == "dpo" else 1e-5)
 
 
-def test_fsdp_sampling_stays_in_step_when_ranks_have_unequal_work(tmp_path, tok_path):
-    """Rank 0 samples 4 prompts (4 generate calls of 2 rows), rank 1 one prompt (1 call): without padding
-    rank 1 would leave the FSDP2 all-gathers early and the job would hang (here: time out after 60 s)."""
+def test_fsdp_sampling_gathers_once_per_round_and_ranks_may_sample_unequally(tmp_path, tok_path):
+    """A sampling round under FSDP2 all-gathers each unit (2 blocks + root) once, however many tokens it
+    generates (4 or 16 here; gathering per forward would grow with them), and makes no other collective
+    but the reward statistics. Rank 0 samples 4 prompts (4 generate calls of 2 rows), rank 1 one prompt
+    (1 call): with any collective left inside generate the ranks would fall out of step and hang (here: time
+    out after 60 s). Samples equal the unsharded model's, and afterwards the registered parameters are the
+    sharded ones again (the optimizer's)."""
     script = tmp_path / "uneven.py"
     script.write_text(textwrap.dedent(f"""
-        import sys, torch
-        sys.path.insert(0, {ROOT!r})
+        import json, sys, torch, torch.distributed as dist
+        sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
+        import collective_guard
+        collective_guard.install()
         import data, onpolicy, parallel, train
+        from torch.distributed.tensor import DTensor
+        calls = []
+        def counted(name, fn):
+            def call(*a, **kw):
+                calls.append(name)
+                return fn(*a, **kw)
+            return call
+        for name in collective_guard.COLLECTIVES + ("all_gather_single", "reduce_scatter_single"):
+            if hasattr(dist, name):        # FSDP2 calls all_gather_into_tensor (torch 2.11) or all_gather_single
+                setattr(dist, name, counted(name, getattr(dist, name)))
         rank, _, world, _ = parallel.setup(60)
         tok, cpu = data.Tokenizer({tok_path!r}), torch.device("cpu")
-        cfg = train.parse_config({TINY!r} + ["--loss=sft", "--onpolicy_every=1", "--n_samples=2",
-                                             "--max_new_tokens=4", "--sample_batch_size=2"])
         ex, _ = data.load_sft(data.synthetic_task(6, 0), tok)
-        model = train.build_model(cfg, tok, cpu)
-        ref = onpolicy.Sampler(cfg, tok, ex, rank, world)
-        ref.refresh(model, 0, range(5), cpu)                 # unsharded: what every prompt must get
-        parallel.wrap(model, "fsdp", cpu, False, True)
-        s = onpolicy.Sampler(cfg, tok, ex, rank, world)
         mine = [0, 1, 2, 3] if rank == 0 else [4]
-        s.refresh(model, 0, mine, cpu, lockstep=True)
-        assert all(s.samples[i] == ref.samples[i] for i in mine), (s.samples, ref.samples)
-        print("same samples", rank)
+        per_round = {{}}
+        for n_new in (4, 16):
+            cfg = train.parse_config({TINY!r} + ["--loss=sft", "--onpolicy_every=1", "--n_samples=2",
+                                                 f"--max_new_tokens={{n_new}}", "--sample_batch_size=2"])
+            model = train.build_model(cfg, tok, cpu)
+            ref = onpolicy.Sampler(cfg, tok, ex, rank, world)
+            ref.refresh(model, 0, range(5), cpu)                 # unsharded: what every prompt must get
+            parallel.wrap(model, "fsdp", cpu, False, True)
+            s = onpolicy.Sampler(cfg, tok, ex, rank, world)
+            calls.clear()
+            s.refresh(model, 0, mine, cpu)
+            per_round[n_new] = list(calls)
+            assert all(s.samples[i] == ref.samples[i] for i in mine), (s.samples, ref.samples)
+            assert max(len(o) for i in mine for o in s.samples[i][0]) == n_new   # some row ran to the end
+            assert all(isinstance(p, DTensor) for p in model.parameters())
+        with open({str(tmp_path)!r} + f"/rank{{rank}}.json", "w") as f:      # two ranks' prints may share a line
+            json.dump(per_round, f)
+        print("sampled", rank, flush=True)
+        parallel.shutdown()
     """))
-    p = torchrun([str(script)], timeout=120, marker="same samples 1")
-    assert p.stdout.count("same samples") == 2
+    torchrun([str(script)], timeout=120, marker="sampled 1")
+    for rank in (0, 1):
+        per_round = json.load(open(tmp_path / f"rank{rank}.json"))
+        short, long = per_round["4"], per_round["16"]
+        assert short == long, (short, long)
+        gathers = [c for c in short if c.startswith("all_gather")]
+        assert 0 < len(gathers) <= 3 and [c for c in short if c not in gathers] == ["all_reduce"], short
 
 
 def test_guard_catches_a_host_tensor_in_a_collective():
