@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 FACTORIES = ("tensor", "as_tensor", "zeros", "ones", "full", "empty", "arange", "rand", "randn", "randint")
+# all_gather_single / reduce_scatter_single: what FSDP2 calls on torch >= 2.13 (absent on older torch).
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
-               "reduce", "gather", "scatter", "all_to_all_single")
+               "all_gather_single", "reduce_scatter_single", "reduce", "gather", "scatter", "all_to_all_single")
 
 
 def _tag(t):
@@ -55,7 +56,8 @@ def install():
     for name in FACTORIES:
         setattr(torch, name, _factory(getattr(torch, name)))
     for name in COLLECTIVES:
-        setattr(dist, name, _collective(name, getattr(dist, name)))
+        if hasattr(dist, name):
+            setattr(dist, name, _collective(name, getattr(dist, name)))
 
 
 if __name__ == "__main__":
