@@ -306,18 +306,28 @@ def model_args(cfg, tok):
 
 
 def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
-    """Print the per-GPU memory plan (memplan.py); on a GPU a run that cannot fit stops here, before the load."""
+    """On a GPU, print the memory plan (memplan.py) and stop here, before the load, a run that cannot fit."""
     a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
     kw = dict(micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
-              grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss)
+              grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss, impl=memplan.optimizer_impl(cfg.optimizer,
+              device.type), weight_decay=cfg.weight_decay, reference=needs_frozen_reference(cfg))
     p = memplan.plan(a, world, par, **kw)
-    if rank == 0:
-        print(memplan.format_plan(p))
-    if device.type == "cuda":
+    if device.type == "cuda":           # a plan per GPU: on a CPU it would only mislead
+        if rank == 0:
+            print(memplan.format_plan(p))
         why = memplan.does_not_fit(p, torch.cuda.get_device_properties(device).total_memory / memplan.GiB, a, world,
                                    par, **kw)
         if why:
             sys.exit(f"error: {why}")
+
+
+def make_optimizer(cfg, params, device):
+    """AdamW or RMSprop in the step implementation memplan.optimizer_impl picks (torch's CUDA default would
+    allocate a copy of the model at every step) and the plan counts."""
+    impl = memplan.optimizer_impl(cfg.optimizer, device.type)
+    how = {"fused": True} if impl == "fused" else {"foreach": impl == "foreach"}
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RMSprop
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, **how)
 
 
 def lr_at(cfg, step, total):
@@ -381,11 +391,15 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
                         torch.arange(2 * B, device=s.device) < B, kl_s, ref_logps[2 * B:], beta=cfg.beta)
 
 
+def needs_frozen_reference(cfg) -> bool:
+    return cfg.loss in NEEDS_REF and not cfg.reference_free and (cfg.ref == "online" or bool(cfg.onpolicy_every))
+
+
 def frozen_reference(cfg, model, device, bf16, fsdp):
     """A frozen copy of the initial model for --ref=online and on-policy DPO/IPO (fresh samples need a live
     reference), else None. Under FSDP2 it is sharded like the policy, so it computes exactly as the policy
     does (bf16 parameters); elsewhere it runs in the policy's autocast context (make_batch)."""
-    if cfg.loss not in NEEDS_REF or cfg.reference_free or not (cfg.ref == "online" or cfg.onpolicy_every):
+    if not needs_frozen_reference(cfg):
         return None
     if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
         return parallel.load_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
@@ -512,7 +526,6 @@ def train(cfg, rank, local, world, distributed):
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
 
     params = [p for p in model.parameters() if p.requires_grad]
-    opt_cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RMSprop
     gbs = cfg.micro_batch_size * cfg.grad_accum * world
     run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs,
                 "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
@@ -525,7 +538,7 @@ def train(cfg, rank, local, world, distributed):
         print(memplan.load_report(time.time() - t_load, device, sharded))
     # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
     # optimizer built then would hold those instead of the sharded master weights.
-    opt = opt_cls(model.parameters() if fsdp else params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(cfg, model.parameters() if fsdp else params, device)
     ref_table = eval_ref_table = None
     if keys:
         ref_table, eval_ref_table = reference_tables(cfg, model, keys, [] if cfg.eval_only else train_ex, eval_ex,
