@@ -129,6 +129,7 @@ def load(path, model, opt):
                                                          get_optimizer_state_dict, set_model_state_dict,
                                                          set_optimizer_state_dict)
     state = read_trainer_state(os.path.join(path, "trainer_state.pt"))
+    impl = [{k: g[k] for k in ("foreach", "fused") if k in g} for g in opt.param_groups]
     if os.path.isdir(os.path.join(path, "dcp")):
         import torch.distributed.checkpoint as dcp
         sd = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
@@ -148,8 +149,22 @@ def load(path, model, opt):
         o = StateDictOptions(full_state_dict=True)
         set_model_state_dict(model, sd, options=o)
         set_optimizer_state_dict(model, opt, state["optimizer"], options=o)
+    keep_step_implementation(opt, impl)
     torch.set_rng_state(state["rng"])
     return state
+
+
+def keep_step_implementation(opt, impl):
+    """Loading an optimizer state dict also loads the saving run's foreach / fused flags; put back the ones
+    this run chose (train.make_optimizer: on CUDA a foreach step would need a model's worth more memory)
+    and, for the fused step, keep its step counters where it needs them, on the parameters' device."""
+    for group, flags in zip(opt.param_groups, impl):
+        group.update(flags)
+        if group.get("fused"):
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if "step" in st:
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
 def schedule_mismatch(saved: dict, now: dict):

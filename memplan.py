@@ -4,7 +4,7 @@ when it cannot fit), the load's peak, and the throughput numbers of the log (tok
 
 The plan is arithmetic, not a measurement; its terms per GPU (GiB):
   params     fp32 master weights (1/world of them under FSDP2)
-  grads      fp32 gradients (FSDP2: the sharded ones; DDP adds its reduction buckets, a second copy)
+  grads      fp32 gradients (FSDP2: the sharded ones; DDP: views into its reduction buckets, one copy)
   optimizer  AdamW: 2 fp32 states, RMSprop: 1 (sharded under FSDP2)
   working    bf16 weights in use: FSDP2's gathered blocks (two: one computing, one prefetched) and its
              root (embeddings, head), plus one block's fp32 reduce-scatter buffer; under autocast (one
@@ -83,7 +83,7 @@ def plan(a, world: int, parallel: str, micro_batch_size: int, seq_len: int, opti
     act_bytes = 2 if bf16 else 4
     root = a.vocab_size * a.dim * (1 if a.tie_word_embeddings else 2)
     p = {"params": 4 * n / shard,
-         "grads": 4 * n / shard * (2 if parallel == "ddp" else 1),
+         "grads": 4 * n / shard,
          "optimizer": (8 if optimizer == "adamw" else 4) * n / shard}
     if parallel == "fsdp":
         p["working"] = act_bytes * (2 * block_params(a) + root) + 4 * block_params(a)

@@ -96,3 +96,22 @@ def test_train_picks_the_step_the_plan_counts_on_cuda(capsys):
     train.memory_plan(train.parse_config([]), type("Tok", (), dict(vocab_size=320, bos_id=1, eos_id=2)),
                       torch.device("cpu"), 1, False, False, 0)
     assert "memory plan" not in capsys.readouterr().out
+
+
+def test_resume_keeps_the_step_this_run_chose(tmp_path, tok_path, monkeypatch):
+    """An optimizer state dict carries the saving run's foreach / fused flags: a run saved with one step
+    implementation and resumed where train.py picks another (here per-tensor, then fused: CPU has fused
+    AdamW too) must run the one it picked, whose memory the plan counted, and keep training."""
+    opts = []
+    make_optimizer = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: opts.append(make_optimizer(*a)) or opts[-1])
+    common = [f"--tokenizer={tok_path}", "--dim=32", "--n_layers=1", "--n_heads=2", "--n_kv_heads=1",
+              "--hidden_dim=64", "--n_train=32", "--n_eval=4", "--gen_eval=0", "--progress=false", "--loss=sft",
+              "--micro_batch_size=8", f"--out_dir={tmp_path}"]
+    train.main(common + ["--max_steps=2"])
+    assert opts[-1].param_groups[0]["foreach"] is False
+    monkeypatch.setattr(memplan, "optimizer_impl", lambda optimizer, device_type: "fused")
+    train.main(common + ["--max_steps=4", "--resume=true"])
+    group = opts[-1].param_groups[0]
+    assert group["fused"] is True and not group["foreach"], group
+    assert all(opts[-1].state[p]["step"].item() == 4 for p in group["params"])

@@ -279,7 +279,7 @@ def test_memory_plan_counts_the_model_and_refuses_ddp_at_7b(tmp_path, monkeypatc
     assert abs(memplan.n_params(m7b) / 1e9 - 7.24) < 0.01
     fsdp, ddp = memplan.plan(m7b, 8, "fsdp", **kw), memplan.plan(m7b, 8, "ddp", **kw)
     assert abs(fsdp["params"] - 4 * 7.24e9 / 8 / 2**30) < 0.01 and fsdp["grads"] == fsdp["params"] == fsdp["optimizer"]
-    assert ddp["grads"] == 2 * ddp["params"] and ddp["total"] > 100 and fsdp["total"] < 30
+    assert ddp["grads"] == ddp["params"] and ddp["total"] > 80 and fsdp["total"] < 30   # DDP: gradient bucket views
     # what train.py does at start on an 80 GB GPU (its size faked here): DDP at 7B stops before the load
     init = tmp_path / "m7b"
     init.mkdir()
