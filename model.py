@@ -294,13 +294,16 @@ class Transformer(nn.Module):
         self.grad_checkpointing = on
 
     def setup_cache(self, batch: int, max_len: int, valid=None, keep: bool = False) -> int:
-        """One KVCache per layer, plus this call's tables (gpt-fast style: built once, indexed per
+        """One KVCache per layer, plus the generation tables (gpt-fast style: built once, indexed per
         step): RoPE cos/sin per position and the [B|1,1,S,S] mask over cache slots (causal, window,
         and valid [B,<=S]: False = a left-padding slot; None = no padding). Returns the cache length.
-        keep=True (compiled generation) reuses a cache of the same batch that is long enough: same
-        buffers, so no recompile and no CUDA-graph re-record."""
+        keep=True (compiled generation) reuses a cache of the same batch that is long enough, and its
+        tables: the new mask is written into the old one's storage. The compiled step reads them all
+        as module state, which CUDA graphs take as fixed addresses: same storage, no re-record."""
         cache = self.layers[0].self_attn.cache
-        if not (keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len):
+        reuse = keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len \
+            and self._gen is not None
+        if not reuse:
             dev = self.embed_tokens.weight.device
             for layer in self.layers:
                 layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dev)
@@ -308,12 +311,15 @@ class Transformer(nn.Module):
         slots = torch.arange(S, device=dev)
         if valid is not None and valid.shape[1] < S:
             valid = torch.cat([valid, valid.new_ones(batch, S - valid.shape[1])], 1)
-        cos, sin = rope_cos_sin(slots[None], self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         mask = self._allowed(slots, S, valid, dev)
         if keep:   # one shape (and strides) with or without padding: one compiled step
             mask = mask.expand(batch, -1, -1, -1).contiguous()
-        self._gen = {"cos": cos[0], "sin": sin[0], "mask": mask,
-                     "padded": valid is not None}
+        if reuse and self._gen["mask"].shape == mask.shape:   # cos/sin depend on S only: unchanged
+            self._gen["mask"].copy_(mask)
+        else:
+            cos, sin = rope_cos_sin(slots[None], self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
+            self._gen = {"cos": cos[0], "sin": sin[0], "mask": mask}
+        self._gen["padded"] = valid is not None
         return S
 
     def clear_cache(self):
