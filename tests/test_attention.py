@@ -38,14 +38,15 @@ def test_no_masked_call_asks_for_gqa(sdpa_calls, window, padded, T):
     if padded:
         mask[1, :T // 2] = 0
     m(ids, attention_mask=mask).square().mean().backward()          # training forward (+ backward)
-    prompts = [ids[0, :T].tolist(), ids[1, :3].tolist()] if padded else [ids[0].tolist(), ids[1].tolist()]
+    prompts = [ids[0].tolist(), ids[1, :3 if padded else T].tolist()]   # unequal lengths: left padding
     m.eval().generate(prompts, 6, stop_ids=[])                      # prefill + decode steps
+    m(ids[:, :4])                                                   # within the window, no padding: no mask
     masked = [c for c in sdpa_calls if c["masked"]]
     assert masked, "the case should need a mask"
     for c in masked:
         assert not c["gqa"] and c["kv_heads"] == (c["q_heads"], c["q_heads"]), c
-    # the maskless calls keep flash's native GQA
-    assert all(c["gqa"] for c in sdpa_calls if not c["masked"])
+    maskless = [c for c in sdpa_calls if not c["masked"]]
+    assert maskless and all(c["gqa"] for c in maskless)            # flash's native GQA
 
 
 def test_both_ways_of_removing_gqa_match_sdpa_gqa():
