@@ -81,6 +81,7 @@ import torch
 
 import data
 import flags
+import parallel
 from checkpoint import resolve_model
 from model import CheckpointError, Transformer
 
@@ -504,6 +505,8 @@ def parse_args(argv):
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dist_timeout_s", type=int, default=3600,
+                    help="torchrun: process-group timeout; must outlast the slowest rank's share (ranks wait at the final gather)")
     flags.add_bool(ap, "--no_bos",
                    help="no BOS (the harness with a tokenizer that adds none; Mistral's/Zephyr's add one)")
     flags.add_bool(ap, "--harness_literal_newlines",
@@ -525,14 +528,9 @@ def main(argv=None):
     args = parse_args(argv)
     args.model = resolve_model(args.model)     # a run directory means its newest checkpoint
     args.out = args.out or os.path.join(args.model, "eval")
-    world, rank, device = int(os.environ.get("WORLD_SIZE", 1)), 0, args.device
-    if world > 1:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        rank = dist.get_rank()
+    cuda = args.device.startswith("cuda")
+    rank, gpu, world, distributed = parallel.setup(args.dist_timeout_s, cuda=cuda)
+    device = f"cuda:{gpu}" if distributed and cuda else args.device
     try:
         questions = load_task(args.task, args.data, args.limit, args.split)
         pool = load_task(args.task, args.fewshot_data, split=args.fewshot_split) if args.num_fewshot else None
@@ -550,10 +548,8 @@ def main(argv=None):
         bar.close()
     except TaskDataError as e:
         raise SystemExit(f"error: {e}")
-    if world > 1:
-        parts = [None] * world
-        dist.all_gather_object(parts, records)
-        records = merge(parts)
+    if distributed:
+        records = merge(parallel.gather_objects(records))
     elapsed = time.perf_counter() - t0       # rank 0's wall time: it waits for the slowest rank
     if rank == 0:
         s = summarize(args.task, records, elapsed)
@@ -565,9 +561,7 @@ def main(argv=None):
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
         print(one_line(s) + f" -> {os.path.join(args.out, args.task)}.jsonl")
-    if world > 1:
-        dist.barrier()              # all ranks end together: none closes its connections while rank 0 writes
-        dist.destroy_process_group()
+    parallel.shutdown()             # all ranks end together: none closes its connections while rank 0 writes
 
 
 def cli(argv):

@@ -171,29 +171,39 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
-def cached_attention(q, k, v, mask):
-    """Generation's attention, q [B,H,T,D] against k/v [B,Hkv,S,D]; mask None = plain causal, else
-    bool [B|1,1,T,S]. Kernels on CUDA (torch 2.11, bf16/fp16):
-    - no mask (prefill of equal-length prompts): is_causal + enable_gqa -> flash attention, which
-      takes GQA natively;
-    - a mask (left padding, the cache's unwritten slots, the sliding window): flash refuses any
-      mask and the memory-efficient kernel refuses enable_gqa, so SDPA would fall to the math kernel
-      (K/V repeated over the whole cache, fp32 scores). Instead fold each kv head's G query heads
-      into the query-length axis: q [B,Hkv,G*T,D] against the cache as it is, the mask repeated G
-      times along the queries (a stride-0 view when T == 1). That is exactly GQA (every query row
-      is its own softmax) and takes the memory-efficient kernel with no K/V copy.
-    On CPU both go to the CPU flash kernel, which takes masks. (The CUDA choice follows torch
+def attention(q, k, v, mask):
+    """q [B,H,T,D] against k/v [B,Hkv,S,D] (training: S = T; generation: the cache or, in prefill, the
+    prompt's own keys); mask None = plain causal, else bool [B|1,1,T,S]. Kernels on CUDA (torch 2.11,
+    bf16/fp16):
+    - no mask: is_causal + enable_gqa -> flash attention, which takes GQA natively;
+    - a mask (sliding window shorter than T, left padding, the cache's unwritten slots): flash refuses
+      any mask and the memory-efficient kernel refuses enable_gqa, so with GQA SDPA would fall to the
+      math kernel (fp32 [B,H,T,S] scores). So a masked call never passes enable_gqa; instead, whichever
+      copy is smaller:
+      * fold each kv head's G query heads into the query axis: q [B,Hkv,G*T,D] against K/V as they
+        are, the mask repeated G times along the queries (b*G*T*S bools, and SDPA's additive bias of
+        that size; a stride-0 view when T == 1). Exactly GQA: every query row is its own softmax. A
+        decode step (T = 1) and a short prefill take this: no copy of the cache at all;
+      * expand K/V to H heads (repeat_interleave: 2*B*H*S*D values). A long training sequence takes
+        this: its [T,T] mask (broadcast over heads, and over rows without padding) grows with T*T,
+        G*T*T folded, while K/V grow with T; the copies are kept for backward either way (autograd
+        sums the G copies' gradients back into each kv head).
+    On CPU every case goes to the CPU flash kernel, which takes masks. (The CUDA choice follows torch
     2.11's SDPA constraints; it has not been profiled on a GPU in this repository yet.)"""
     B, H, T, D = q.shape
-    G = H // k.shape[1]
+    Hkv = k.shape[1]
+    G = H // Hkv
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=G > 1)
     if G == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, S = mask.shape[0], mask.shape[-1]
-    m = mask[:, :, None].expand(b, 1, G, T, S).reshape(b, 1, G * T, S)
-    y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], G * T, D), k, v, attn_mask=m)
-    return y.view(B, H, T, D)
+    if b * T <= 2 * B * Hkv * D:   # folded mask (b*G*T*S) no larger than expanded K/V (2*B*Hkv*G*S*D)
+        m = mask[:, :, None].expand(b, 1, G, T, S).reshape(b, 1, G * T, S)
+        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, G * T, D), k, v, attn_mask=m)
+        return y.view(B, H, T, D)
+    # Query head h reads kv head h // G: SDPA's enable_gqa grouping, so repeat_interleave, not repeat.
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), attn_mask=mask)
 
 
 class Attention(nn.Module):
@@ -215,12 +225,9 @@ class Attention(nn.Module):
         if self.cache is not None and input_pos is not None:
             ck, cv = self.cache.update(input_pos, k, v)
             # Prefill (T > 1, slots 0..T-1) attends to its own keys only; a decode step to the cache.
-            y = cached_attention(q, k, v, mask) if T > 1 else cached_attention(q, ck, cv, mask)
-            return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-        # Query head h reads kv head h // (n_heads / n_kv_heads): exactly SDPA's enable_gqa grouping.
-        y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                           is_causal=mask is None,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+            y = attention(q, k, v, mask) if T > 1 else attention(q, ck, cv, mask)
+        else:
+            y = attention(q, k.to(q.dtype), v.to(q.dtype), mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -287,13 +294,16 @@ class Transformer(nn.Module):
         self.grad_checkpointing = on
 
     def setup_cache(self, batch: int, max_len: int, valid=None, keep: bool = False) -> int:
-        """One KVCache per layer, plus this call's tables (gpt-fast style: built once, indexed per
+        """One KVCache per layer, plus the generation tables (gpt-fast style: built once, indexed per
         step): RoPE cos/sin per position and the [B|1,1,S,S] mask over cache slots (causal, window,
         and valid [B,<=S]: False = a left-padding slot; None = no padding). Returns the cache length.
-        keep=True (compiled generation) reuses a cache of the same batch that is long enough: same
-        buffers, so no recompile and no CUDA-graph re-record."""
+        keep=True (compiled generation) reuses a cache of the same batch that is long enough, and its
+        tables: the new mask is written into the old one's storage. The compiled step reads them all
+        as module state, which CUDA graphs take as fixed addresses: same storage, no re-record."""
         cache = self.layers[0].self_attn.cache
-        if not (keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len):
+        reuse = keep and cache is not None and cache.shape[0] == batch and cache.shape[2] >= max_len \
+            and self._gen is not None
+        if not reuse:
             dev = self.embed_tokens.weight.device
             for layer in self.layers:
                 layer.self_attn.cache = KVCache(batch, self.args.n_kv_heads, max_len, self.args.head_dim, dev)
@@ -301,12 +311,15 @@ class Transformer(nn.Module):
         slots = torch.arange(S, device=dev)
         if valid is not None and valid.shape[1] < S:
             valid = torch.cat([valid, valid.new_ones(batch, S - valid.shape[1])], 1)
-        cos, sin = rope_cos_sin(slots[None], self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
         mask = self._allowed(slots, S, valid, dev)
         if keep:   # one shape (and strides) with or without padding: one compiled step
             mask = mask.expand(batch, -1, -1, -1).contiguous()
-        self._gen = {"cos": cos[0], "sin": sin[0], "mask": mask,
-                     "padded": valid is not None}
+        if reuse and self._gen["mask"].shape == mask.shape:   # cos/sin depend on S only: unchanged
+            self._gen["mask"].copy_(mask)
+        else:
+            cos, sin = rope_cos_sin(slots[None], self.args.head_dim, self.args.rope_theta, self.args.rope_scaling)
+            self._gen = {"cos": cos[0], "sin": sin[0], "mask": mask}
+        self._gen["padded"] = valid is not None
         return S
 
     def clear_cache(self):

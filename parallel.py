@@ -10,22 +10,28 @@ or dies on it):
 import os
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 
-def setup(timeout_s: float = 3600):
-    """(rank, local_rank, world, distributed). Under torchrun, even with --nproc_per_node=1, the process
-    group is created and the model wrapped, so one GPU already exercises NCCL and the wrappers. The timeout
-    must outlast the longest one-rank phase (rank 0 writing a 7B checkpoint while the others wait)."""
+def setup(timeout_s: float = 3600, cuda: Optional[bool] = None):
+    """(rank, gpu, world, distributed): gpu is this process's CUDA ordinal (0 without CUDA). Under torchrun,
+    even with --nproc_per_node=1, the process group is created and the model wrapped, so one GPU already
+    exercises NCCL and the wrappers. The timeout must outlast the longest one-rank phase (rank 0 writing a
+    7B checkpoint while the others wait). cuda: NCCL on this process's GPU, else gloo (default: whether
+    CUDA is available)."""
     if "LOCAL_RANK" not in os.environ:          # plain `python train.py`: no process group
         return 0, 0, 1, False
-    local = int(os.environ["LOCAL_RANK"])
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timedelta(seconds=timeout_s))
-    return dist.get_rank(), local, dist.get_world_size(), True
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    # LOCAL_RANK counts a node's processes; a launcher that shows each process only its own GPU
+    # (CUDA_VISIBLE_DEVICES per rank) leaves one visible device, ordinal 0, whatever LOCAL_RANK says.
+    gpu = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count() if cuda else 0
+    if cuda:
+        torch.cuda.set_device(gpu)
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+    return dist.get_rank(), gpu, dist.get_world_size(), True
 
 
 def shutdown():

@@ -488,8 +488,8 @@ def global_flag(bad, device) -> bool:
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, local, world, distributed = parallel.setup(cfg.dist_timeout_s)
-    out = train(cfg, rank, local, world, distributed)
+    rank, gpu, world, distributed = parallel.setup(cfg.dist_timeout_s)
+    out = train(cfg, rank, gpu, world, distributed)
     # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
     # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
     # connections while another still writes or reads.
@@ -497,8 +497,8 @@ def main(argv=None):
     return out
 
 
-def train(cfg, rank, local, world, distributed):
-    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+def train(cfg, rank, gpu, world, distributed):
+    device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     fsdp = distributed and cfg.parallel == "fsdp"
     # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
