@@ -25,6 +25,8 @@ def setup(timeout_s: float = 3600, cuda: Optional[bool] = None):
     if "LOCAL_RANK" not in os.environ:          # plain `python train.py`: no process group
         return 0, 0, 1, False
     cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda and torch.cuda.device_count() == 0:
+        raise SystemExit("error: a CUDA device was asked for (--device cuda), but none is visible to this process")
     # LOCAL_RANK counts a node's processes; a launcher that shows each process only its own GPU
     # (CUDA_VISIBLE_DEVICES per rank) leaves one visible device, ordinal 0, whatever LOCAL_RANK says.
     gpu = int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count() if cuda else 0
