@@ -32,6 +32,7 @@ import torch
 
 import flags
 import ift
+from generate import generate
 from model import ModelArgs, Transformer
 
 K = 100  # actions
@@ -244,7 +245,7 @@ def fit_reference(model, L, steps, seed):
 def seq_sample(model, prompts, n, L, seed, R):
     """N responses per prompt from `model` (temperature 1), rewards = mean bump over the L tokens."""
     ps = [p for p in prompts for _ in range(n)]
-    ys = model.generate([[p] for p in ps], L, temperature=1.0, seed=seed, stop_ids=[-1])  # never stops
+    ys = generate(model, [[p] for p in ps], L, temperature=1.0, seed=seed, stop_ids=[-1])  # never stops
     r = R[torch.tensor(ys)].mean(-1).view(len(prompts), n)
     return ps, ys, r
 
@@ -254,7 +255,7 @@ def seq_expected_reward(model, L, R, seed, m=256):
     """E_pi[mean_t R(y_t)]: sampled prefixes, exact expectation of each next token (low variance)."""
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, K, (m,), generator=g).tolist()
-    ys = model.generate([[p] for p in prompts], L, temperature=1.0, seed=seed, stop_ids=[-1])
+    ys = generate(model, [[p] for p in prompts], L, temperature=1.0, seed=seed, stop_ids=[-1])
     ids = torch.tensor([[p] + y for p, y in zip(prompts, ys)])
     probs = model(ids[:, :-1]).float().softmax(-1)
     return (probs @ R.float()).mean().item()

@@ -17,7 +17,10 @@ import time
 
 import torch
 
+import hf_io
+from generate import generate
 from model import ModelArgs, Transformer
+import refcache
 
 
 def timeit(fn, warmup=2, reps=5):
@@ -56,7 +59,7 @@ def bench_model():
     torch.manual_seed(0)
     ours = Transformer(small_args()).init_weights(seed=0)
     with tempfile.TemporaryDirectory() as d:
-        ours.save_pretrained(d)
+        hf_io.save_model(ours, d)
         hf = transformers.AutoModelForCausalLM.from_pretrained(d)  # default (sdpa) attention
     B, T = 4, 256
     x = torch.randint(3, 32000, (B, T))
@@ -75,8 +78,8 @@ def bench_model():
     n = 64
     for B in (1, 8):
         prompts = torch.randint(3, 32000, (B, 32))
-        fns = {"ours": lambda: ours.generate(prompts.tolist(), n, stop_ids=[]),
-               "ours compiled": lambda: ours.generate(prompts.tolist(), n, stop_ids=[], compile=True),
+        fns = {"ours": lambda: generate(ours, prompts.tolist(), n, stop_ids=[]),
+               "ours compiled": lambda: generate(ours, prompts.tolist(), n, stop_ids=[], compile=True),
                "transformers": lambda: hf.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
                                                    max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    eos_token_id=None, pad_token_id=0)}
@@ -178,7 +181,7 @@ def bench_eval():
         tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tokenizer", 512)
         m = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=688,
                                   vocab_size=tok.vocab_size, sliding_window=None)).init_weights(seed=0)
-        m.save_pretrained(f"{d}/model", extra_files={"tokenizer.model": tok.path})
+        hf_io.save_model(m, f"{d}/model", extra_files={"tokenizer.model": tok.path})
         qs = [l for l in open(os.path.join(os.path.dirname(__file__), "tests/fixtures/arc_ai2.jsonl")) if l.strip()]
         with open(f"{d}/arc.jsonl", "w") as f:
             f.writelines((qs * 64)[:64])
@@ -239,7 +242,7 @@ def _scale_child(mode, path, tok_path, cache):
     else:
         ex, _ = tokcache.load(data.load_sft, path, tok, cache, 0, False, max_length=2048)
     n_tok = sum(train.example_lengths(ex))
-    train.data_fingerprint(tok, ex)           # every start hashes the examples too
+    refcache.data_fingerprint(tok, ex)           # every start hashes the examples too
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"s": dt, "rows": len(ex), "tokens": n_tok, "rss_mib": peak / 1024, "grew_mib": (peak - base) / 1024}))

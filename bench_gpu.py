@@ -46,6 +46,7 @@ import torch
 
 import flags
 import ift
+from generate import generate
 from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -259,7 +260,7 @@ def sec_parity(r):
                   "ift_pass2": ift_pass2}
     cpu = torch.device("cpu")
     ref_steps = {k: _sgd_step(base, {**batch, "mix": mix}, f, cpu, False) for k, f in objectives.items()}
-    ref_tokens = base.eval().generate(prompts, n_new, stop_ids=[])
+    ref_tokens = generate(base.eval(), prompts, n_new, stop_ids=[])
     full = torch.tensor([p + t for p, t in zip(prompts, ref_tokens)])
     with torch.no_grad():   # the reference's logits at every generated position (for near-ties)
         gen_logits = base(full)[:, len(prompts[0]) - 1:-1]
@@ -289,7 +290,7 @@ def sec_parity(r):
             and res["ift_pass2_grad_rel"] <= tol["grad"] and res["ift_guesses_ok"]
         # generate: fp32 weights, or bf16 weights (what the generation section runs)
         gm = m.to(torch.bfloat16) if bf16 else m
-        toks = gm.generate(prompts, n_new, stop_ids=[])
+        toks = generate(gm, prompts, n_new, stop_ids=[])
         with torch.no_grad():
             tie = 2 * float((gm(full.to(dev))[:, len(prompts[0]) - 1:-1].float().cpu() - gen_logits).abs().max())
         first = [next((j for j, (a, b) in enumerate(zip(t, rt)) if a != b), None) for t, rt in zip(toks, ref_tokens)]
@@ -600,11 +601,11 @@ def sec_generate(r):
             rec = {"mode": mode, "batch": B}
             try:
                 t = time.perf_counter()
-                model.generate(prompts, n_new, stop_ids=[], **kw)     # warm-up (compile, when compiled)
+                generate(model, prompts, n_new, stop_ids=[], **kw)     # warm-up (compile, when compiled)
                 sync(dev)
                 rec["first_call_s"] = time.perf_counter() - t
-                t1 = timeit(lambda: model.generate(prompts, 1, stop_ids=[], **kw), dev, warmup=0, reps=3)
-                tn = timeit(lambda: model.generate(prompts, n_new, stop_ids=[], **kw), dev, warmup=0, reps=2)
+                t1 = timeit(lambda: generate(model, prompts, 1, stop_ids=[], **kw), dev, warmup=0, reps=3)
+                tn = timeit(lambda: generate(model, prompts, n_new, stop_ids=[], **kw), dev, warmup=0, reps=2)
                 tok_s = B * (n_new - 1) / (tn - t1)         # decode only: the prefill + first token subtracted
                 bound = B * r.env["copy_gb_s"] * 1e9 / wbytes if r.env.get("copy_gb_s") else None
                 rec.update(status="ok", decode_tok_s=tok_s, ms_per_step=(tn - t1) / (n_new - 1) * 1e3,
@@ -617,7 +618,7 @@ def sec_generate(r):
             out["decode"].append(rec)
     B, Pl = (2, 64) if r.tiny else (4, 2048)
     prompts = torch.randint(3, a.vocab_size, (B, Pl), generator=g).tolist()
-    t = timeit(lambda: model.generate(prompts, 1, stop_ids=[]), dev, warmup=1, reps=3)
+    t = timeit(lambda: generate(model, prompts, 1, stop_ids=[]), dev, warmup=1, reps=3)
     out["prefill"] = {"batch": B, "prompt_len": Pl, "tok_s": B * Pl / t,
                       "tflops": 2 * model.num_params(exclude_embedding=True) * B * Pl / t / 1e12}
     best = {(d["mode"], d["batch"]): d for d in out["decode"] if d.get("status") == "ok"}

@@ -23,8 +23,9 @@ from contextlib import contextmanager
 
 import torch
 
+import atomic
 import parallel
-from model import CheckpointError, read_trainer_state, swap_into_place, write_checkpoint
+from hf_io import CheckpointError, write_weights
 
 # Values that fix which examples each optimizer step sees; a resume that changes them would silently
 # replay other batches on another schedule.
@@ -103,12 +104,12 @@ def save(cfg, model, opt, state, tok, rank):
                      checkpoint_id=os.path.join(tmp, "dcp"), no_dist=not torch.distributed.is_initialized())
         if rank == 0:
             # the export, with the tokenizer trained with
-            write_checkpoint(tmp, parallel.unwrap(model).args, export, extra_files=tok.files())
+            write_weights(tmp, parallel.unwrap(model).args, export, extra_files=tok.files())
             torch.save({"config": dataclasses.asdict(cfg), "rng": torch.get_rng_state(), **state},
                        os.path.join(tmp, "trainer_state.pt"))
         parallel.barrier()                        # every rank's shards are on disk
         if rank == 0:
-            swap_into_place(tmp, path)
+            atomic.swap_into_place(tmp, path)
     except BaseException:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -167,6 +168,21 @@ def keep_step_implementation(opt, impl):
                     st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
 
 
+def read_trainer_state(path):
+    """torch.load of a trainer_state.pt; a file cut short or overwritten is a CheckpointError naming it
+    (a user error: resume from the checkpoint before), not a traceback from deep inside torch."""
+    try:
+        state = torch.load(path, weights_only=True)
+        missing = [k for k in ("rng", "step", "epoch") if k not in state]   # optimizer: in dcp/ or here (old)
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+    except Exception as e:
+        raise CheckpointError(f"{path}: corrupt trainer state, cannot resume from it ({type(e).__name__}: "
+                              f"{(str(e).strip().splitlines() or [''])[0][:160]}); move {os.path.dirname(path)} "
+                              f"aside to resume from the checkpoint before") from None
+    return state
+
+
 def schedule_mismatch(saved: dict, now: dict):
     """A one-line reason to refuse a resume whose batch schedule differs, or None."""
     diff = [f"{k} {saved.get(k)} -> {now[k]}" for k in SCHEDULE_KEYS if k in saved and saved[k] != now[k]]
@@ -217,7 +233,6 @@ def clear_run(out_dir):
 def resolve_model(path, verbose=True):
     """A checkpoint directory to load: `path` itself (it has a config.json), or the newest complete checkpoint
     of the run directory `path` (e.g. `out`). Anything else is a CheckpointError naming what is missing."""
-    from model import CheckpointError
     if not os.path.isdir(path):
         raise CheckpointError(f"{path}: no such directory (a checkpoint dir with config.json, or a run's out_dir)")
     if os.path.isfile(os.path.join(path, "config.json")):

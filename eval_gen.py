@@ -81,9 +81,11 @@ import torch
 
 import data
 import flags
+import hf_io
 import parallel
 from checkpoint import resolve_model
-from model import CheckpointError, Transformer
+from generate import generate
+from hf_io import CheckpointError
 
 LETTERS = "ABCDE"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}
@@ -307,7 +309,7 @@ def generate_all(model, prompts, max_new_tokens, batch_size, stop_ids, progress=
         rows = [prompts[i] for i in idx]
         if compile:   # a short last batch is filled up: one batch shape, one compiled step / CUDA graph
             rows += [rows[-1]] * (batch_size - len(rows))
-        gens = model.generate(rows, max_new_tokens, stop_ids=stop_ids, stop_fn=stop_fn, compile=compile)
+        gens = generate(model, rows, max_new_tokens, stop_ids=stop_ids, stop_fn=stop_fn, compile=compile)
         for i, g in zip(idx, gens):
             out[i] = list(g)
         if progress is not None:
@@ -480,7 +482,7 @@ def load_model(path, dtype, device, tokenizer=None):
         tok = data.load_tokenizer(tokenizer or path)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e} (save the tokenizer with the checkpoint, or pass --tokenizer)")
-    model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+    model = hf_io.load_model(path, dtype=dtype, device=device).eval()
     if tok.vocab_size > model.args.vocab_size:
         raise SystemExit(f"{tok.path}: {tok.vocab_size} tokens, the model only {model.args.vocab_size}")
     return tok, model

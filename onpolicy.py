@@ -21,6 +21,7 @@ import torch
 import data
 import ift
 import parallel
+from generate import generate
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -134,7 +135,7 @@ class Sampler:
             for a in range(0, len(rows), cfg.sample_batch_size):
                 part = rows[a:a + cfg.sample_batch_size]
                 with ctx or nullcontext():
-                    outs = model.generate([prompts[i] for i, _ in part], cfg.max_new_tokens,
+                    outs = generate(model, [prompts[i] for i, _ in part], cfg.max_new_tokens,
                                           temperature=cfg.temperature, top_p=cfg.top_p, stop_ids=[tok.eos_id],
                                           row_seeds=[stable_seed(cfg.seed, step, i, j) for i, j in part])
                 got.update(zip(part, outs))

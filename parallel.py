@@ -98,54 +98,6 @@ def wrap(model, parallel: str, device, bf16: bool, distributed: bool):
     return model
 
 
-def load_sharded(path, device, bf16: bool):
-    """An FSDP2 model filled from a Hugging Face checkpoint directory without any rank holding the whole
-    model: built on the meta device, sharded, then each rank reads from the safetensors files only the
-    rows of dim 0 it owns (FSDP2 shards every tensor like torch.chunk: ceil(n / world) rows per rank), in
-    fp32. Each file is reopened per tensor, so the pages read are unmapped again and never add up."""
-    from model import CheckpointError, Transformer, _open_safetensors, _weight_files, read_args
-    args = read_args(path)
-    with torch.device("meta"):
-        model = Transformer(args)
-    wrap(model, "fsdp", device, bf16, True)
-    model.to_empty(device=device)
-    params = dict(model.named_parameters())           # a tied table once, as embed_tokens.weight
-    rank, world, filled = dist.get_rank(), dist.get_world_size(), set()
-    for fname, keys in _weight_files(path).items():
-        if keys is None:
-            with _open_safetensors(fname) as f:
-                keys = sorted(f.keys())
-        for key in keys:
-            name = key.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
-                continue
-            if name not in params:
-                raise CheckpointError(f"{fname}: unexpected key '{key}'")
-            p = params[name]
-            local = p.to_local() if hasattr(p, "to_local") else p
-            with _open_safetensors(fname) as f:
-                if key not in f.keys():
-                    raise CheckpointError(f"{fname}: index says it holds '{key}', but it does not")
-                sl = f.get_slice(key)
-                shape = tuple(sl.get_shape())
-                if shape != tuple(p.shape):
-                    raise CheckpointError(f"{fname}: '{key}' has shape {shape}, expected {tuple(p.shape)} "
-                                          f"from {os.path.join(path, 'config.json')}")
-                rows = -(-shape[0] // world)
-                lo, hi = min(rank * rows, shape[0]), min((rank + 1) * rows, shape[0])
-                if local.shape[0] != hi - lo:
-                    raise RuntimeError(f"{name}: FSDP2 gave rank {rank} {local.shape[0]} rows, expected {hi - lo}")
-                if hi > lo:
-                    with torch.no_grad():
-                        local.copy_(sl[lo:hi])
-            filled.add(name)
-    missing = [n for n in params if n not in filled]
-    if missing:
-        raise CheckpointError(f"{path}: missing key(s) {', '.join(missing[:5])}"
-                              + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    return model
-
-
 @contextmanager
 def gathered(model):
     """Generation (on-policy sampling, the generation eval) under FSDP2: all-gather every block and the root

@@ -15,8 +15,10 @@ import torch
 
 import data
 import flags
+import hf_io
 from checkpoint import resolve_model
-from model import CheckpointError, Transformer
+from generate import generate
+from hf_io import CheckpointError
 
 
 @dataclass
@@ -56,12 +58,12 @@ def main(argv=None):
     try:
         path = resolve_model(cfg.model)
         tok = data.load_tokenizer(path)
-        model = Transformer.from_pretrained(path, dtype=dtype, device=device).eval()
+        model = hf_io.load_model(path, dtype=dtype, device=device).eval()
     except (CheckpointError, OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")
     texts, prompts = prompts_of(cfg, tok)
     rows = [(j, i) for j in range(len(prompts)) for i in range(cfg.num_samples)]
-    outs = model.generate([prompts[j] for j, _ in rows], cfg.max_new_tokens, temperature=cfg.temperature,
+    outs = generate(model, [prompts[j] for j, _ in rows], cfg.max_new_tokens, temperature=cfg.temperature,
                           top_p=cfg.top_p, top_k=cfg.top_k or None, stop_ids=[tok.eos_id],
                           row_seeds=[hash((cfg.seed, j, i)) & (2**63 - 1) for j, i in rows])
     for (j, i), o in zip(rows, outs):

@@ -34,8 +34,10 @@ import torch
 
 import data
 import flags
+import hf_io
 import ift
 import train
+import checkpoint
 
 
 @dataclass
@@ -208,7 +210,7 @@ def run_argv(cfg, arm, seed, out_dir, tok_path):
 @torch.no_grad()
 def heldout_scores(ckpt, tok, rows):
     """(NLL, exact match) of a checkpoint on rows: NLL = per-row mean over answer tokens, mean over rows."""
-    model = train.Transformer.from_pretrained(ckpt, dtype=torch.float32).eval()
+    model = hf_io.load_model(ckpt, dtype=torch.float32).eval()
     ex, _ = data.load_sft(rows, tok)
     tot = 0.0
     for i in range(0, len(ex), 64):
@@ -249,7 +251,7 @@ def one_run(cfg, arm, seed):
            "final_train_loss": summary["final_train_loss"], "steps": round(cfg.steps * ARMS[arm][1]),
            "train_s": t1 - t0, "eval_s": time.time() - t1}
     if not cfg.keep_checkpoints:
-        for p in train.list_checkpoints(out_dir):
+        for p in checkpoint.list_checkpoints(out_dir):
             shutil.rmtree(p, ignore_errors=True)
     tmp = rec_path + ".tmp"
     with open(tmp, "w") as f:

@@ -24,17 +24,18 @@ import torch
 import torch.distributed as dist
 
 import checkpoint
-import flags
 import data
+import flags
+import hf_io
 import ift
 import memplan
 import onpolicy
 import parallel
 import refcache
 import tokcache
-from checkpoint import list_checkpoints  # noqa: F401  (public: tests and scripts list a run's checkpoints)
-from model import ModelArgs, Transformer, atomic_dir  # noqa: F401
-from refcache import data_fingerprint, fingerprint  # noqa: F401
+from generate import generate
+from hf_io import CheckpointError
+from model import ModelArgs, Transformer
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")
@@ -235,13 +236,12 @@ def load_data(cfg, rank, use_cache=True):
 def check_vocab(cfg, tok):
     """A tokenizer with more pieces than the model's embedding has rows would index past it (on GPU a
     device-side assert mid-run): refuse before the model is built. Reads only config.json."""
-    from model import CheckpointError
     if not cfg.init_from:
         return   # a random init is sized to the tokenizer
     path = os.path.join(cfg.init_from, "config.json")
     try:
         with open(path) as f:
-            vocab = ModelArgs.from_hf_config(json.load(f), path).vocab_size
+            vocab = hf_io.args_from_hf_config(json.load(f), path).vocab_size
     except FileNotFoundError:
         raise CheckpointError(f"{cfg.init_from}: no config.json (is --init_from a checkpoint directory?)") from None
     except json.JSONDecodeError as e:
@@ -272,7 +272,7 @@ def dry_run(cfg):
         sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of {gbs}")
     plan = {"world_size": world, "global_batch": gbs, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
-            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": data_fingerprint(tok, train_ex),
+            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": refcache.data_fingerprint(tok, train_ex),
             "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
     print(json.dumps(dataclasses.asdict(cfg)))
     print("dry run: " + json.dumps(plan))
@@ -281,11 +281,11 @@ def dry_run(cfg):
 
 def build_model(cfg, tok, device, fsdp_bf16=None):
     """fsdp_bf16 not None (FSDP2 with --init_from): loaded already sharded, each rank reading only its part
-    of the files (parallel.load_sharded), so no rank ever holds the whole fp32 model."""
+    of the files (hf_io.load_model_sharded), so no rank ever holds the whole fp32 model."""
     if cfg.init_from and fsdp_bf16 is not None:
-        model = parallel.load_sharded(cfg.init_from, device, fsdp_bf16)
+        model = hf_io.load_model_sharded(cfg.init_from, device, fsdp_bf16)
     elif cfg.init_from:
-        model = Transformer.from_pretrained(cfg.init_from, dtype=torch.float32, device=device)
+        model = hf_io.load_model(cfg.init_from, dtype=torch.float32, device=device)
     else:
         model = Transformer(model_args(cfg, tok)).init_weights(std=0.02, seed=cfg.seed).to(device)
     if cfg.freeze_input_embeddings and not model.args.tie_word_embeddings:
@@ -297,8 +297,7 @@ def build_model(cfg, tok, device, fsdp_bf16=None):
 def model_args(cfg, tok):
     """The architecture: --init_from's config.json, else a random init's from the config."""
     if cfg.init_from:
-        from model import read_args
-        return read_args(cfg.init_from)
+        return hf_io.read_config(cfg.init_from)
     return ModelArgs(dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads,
                      head_dim=cfg.dim // cfg.n_heads, hidden_dim=cfg.hidden_dim, vocab_size=tok.vocab_size,
                      sliding_window=None, max_position_embeddings=cfg.max_length,
@@ -402,7 +401,7 @@ def frozen_reference(cfg, model, device, bf16, fsdp):
     if not needs_frozen_reference(cfg):
         return None
     if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
-        return parallel.load_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
+        return hf_io.load_model_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
     import copy
     ref = copy.deepcopy(model).eval().requires_grad_(False)
     return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
@@ -469,7 +468,7 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
         for part in chunks[rank::world]:
             prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
             with ctx:
-                outs = model.generate(prompts, 48, stop_ids=[tok.eos_id])
+                outs = generate(model, prompts, 48, stop_ids=[tok.eos_id])
             hits += torch.tensor([sum(data.check_answer(r, tok.decode(o)) for r, o in zip(part, outs)), len(part)],
                                  dtype=torch.float64, device=device)
             example = example or tok.decode(outs[0])
@@ -767,7 +766,6 @@ def cli(argv):
     """The command line: --dry_run, else main(). The project's user errors, bad data (file:line, field)
     or a checkpoint that does not fit, end the run with one line on stderr and exit code 2 (--debug: the
     traceback instead); anything else is a bug and keeps its traceback."""
-    from model import CheckpointError
     debug, argv = "--debug" in argv, [a for a in argv if a != "--debug"]
     try:
         cfg = parse_config(argv)

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from generate import generate
 from model import ModelArgs, Transformer
 
 
@@ -39,7 +40,7 @@ def test_no_masked_call_asks_for_gqa(sdpa_calls, window, padded, T):
         mask[1, :T // 2] = 0
     m(ids, attention_mask=mask).square().mean().backward()          # training forward (+ backward)
     prompts = [ids[0].tolist(), ids[1, :3 if padded else T].tolist()]   # unequal lengths: left padding
-    m.eval().generate(prompts, 6, stop_ids=[])                      # prefill + decode steps
+    generate(m.eval(), prompts, 6, stop_ids=[])                      # prefill + decode steps
     m(ids[:, :4])                                                   # within the window, no padding: no mask
     masked = [c for c in sdpa_calls if c["masked"]]
     assert masked, "the case should need a mask"

@@ -16,6 +16,7 @@ import torch
 import train
 from conftest import teardown_abort_only
 from test_train import ROOT, TINY, max_diff, weights
+import checkpoint
 
 GUARD = os.path.join(ROOT, "tests", "collective_guard.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -205,7 +206,7 @@ def test_resume_refuses_another_batch_schedule(tmp_path, tok_path):
         train.main(common + ["--micro_batch_size=4", "--max_steps=4", "--resume=true"])
     with pytest.raises(SystemExit, match=r"grad_accum 1 -> 2"):
         train.main(common + ["--micro_batch_size=8", "--grad_accum=2", "--max_steps=4", "--resume=true"])
-    ck = train.list_checkpoints(str(tmp_path))[-1]
+    ck = checkpoint.list_checkpoints(str(tmp_path))[-1]
     st = torch.load(os.path.join(ck, "trainer_state.pt"), weights_only=True)
     torch.save({**st, "world_size": 2}, os.path.join(ck, "trainer_state.pt"))   # as if written by 2 ranks
     with pytest.raises(SystemExit, match=r"world_size 2 -> 1"):

@@ -13,6 +13,8 @@ import torch
 import data
 import eval_gen as E
 from conftest import teardown_abort_only
+from generate import generate
+import hf_io
 from model import ModelArgs, Transformer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -58,19 +60,20 @@ def tiny_model(tok, seed=0, std=0.3, dtype=torch.float32):
 @pytest.fixture(scope="module")
 def ckpt(tok, tmp_path_factory):
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny")
-    tiny_model(tok).save_pretrained(path, extra_files={"tokenizer.model": tok.path})
+    hf_io.save_model(tiny_model(tok), path, extra_files={"tokenizer.model": tok.path})
     return path
 
 
 class StubModel:
     """Continues every prompt with the tokens of a chosen string (per prompt, or one for all),
-    honouring generate's contract: stop at (and include) the first stop id, at most max_new_tokens."""
+    honouring generate's contract: stop at (and include) the first stop id, at most max_new_tokens.
+    eval_gen generates through generate.generate(model, ...): the fixture below routes a stub to itself."""
 
     def __init__(self, tok, replies, context=E.ARC_PREFILL):
         self.args = ModelArgs(vocab_size=tok.vocab_size)
         self.tok, self.replies, self.context, self.calls = tok, replies, context, []
 
-    def generate(self, prompts, max_new_tokens, *, stop_ids=None, **kw):
+    def reply(self, prompts, max_new_tokens, *, stop_ids=None, **kw):
         self.calls.append((len(prompts), list(stop_ids)))
         out = []
         for p in prompts:
@@ -79,6 +82,13 @@ class StubModel:
             end = next((i + 1 for i, t in enumerate(ids) if t in stop_ids), len(ids))
             out.append(ids[:min(end, max_new_tokens)])
         return out
+
+
+@pytest.fixture(autouse=True)
+def stubs_answer_themselves(monkeypatch):
+    real = E.generate
+    monkeypatch.setattr(E, "generate", lambda model, *a, **kw: model.reply(*a, **kw) if isinstance(model, StubModel)
+                        else real(model, *a, **kw))
 
 
 # ------------------------------------------------------------------------------------ data files
@@ -377,7 +387,7 @@ def test_batched_generation_equals_one_by_one(tok):
     assert min(n_b) < 16 and max(n_b) == 16 and {r["new_tokens"] for r in single} == {16}
     assert len({r["generation"] for r in single}) > 1              # the model says different things
     for q, r in zip(qs[:3], single):                               # and batch 1 is plain generate
-        g = m.generate([E.arc_gen_prompt(tok, q)], 16, stop_ids=[tok.eos_id])[0]
+        g = generate(m, [E.arc_gen_prompt(tok, q)], 16, stop_ids=[tok.eos_id])[0]
         assert r["generation"] == E.truncate_at_stops(E.decode_gen(tok, g)[0], E.ARC_STOPS)
     g_b = E.run_gsm8k(m, tok, E.load_task("gsm8k", GSM), num_fewshot=0, batch_size=3, max_new_tokens=10)
     g_1 = E.run_gsm8k(m, tok, E.load_task("gsm8k", GSM), num_fewshot=0, batch_size=1, max_new_tokens=10)
@@ -471,7 +481,7 @@ def test_harness_literal_newlines_is_the_yaml_prompt_byte_for_byte(tok, ckpt, tm
 class IdsStub(StubModel):
     """Continues every prompt with fixed token ids (special tokens included)."""
 
-    def generate(self, prompts, max_new_tokens, *, stop_ids=None, **kw):
+    def reply(self, prompts, max_new_tokens, *, stop_ids=None, **kw):
         self.calls.append((len(prompts), list(stop_ids)))
         return [list(self.replies) for _ in prompts]
 
@@ -518,7 +528,7 @@ def test_stop_strings_end_rows_early_and_change_no_result(tok):
     full = E.run_arc_gen(m, tok, qs, batch_size=4, max_new_tokens=24, early_stop=False)
     assert _fields(early) == _fields(full)
     prompts = [E.arc_gen_prompt(tok, q) for q in qs]
-    gens = [m.generate([p], 24, stop_ids=[tok.eos_id])[0] for p in prompts]
+    gens = [generate(m, [p], 24, stop_ids=[tok.eos_id])[0] for p in prompts]
     want = [_tokens_to_first_stop(tok, g, E.ARC_STOPS) for g in gens]
     assert [r["new_tokens"] for r in early] == want
     assert any("\n\n" in E.decode_gen(tok, g[:n])[0] and "." not in E.decode_gen(tok, g[:n])[0]

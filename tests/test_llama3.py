@@ -9,7 +9,10 @@ import os
 import pytest
 import torch
 
-from model import CheckpointError, ModelArgs, Transformer
+from generate import generate
+from hf_io import CheckpointError
+import hf_io
+from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -35,7 +38,7 @@ def hf_llama3(vocab=101, tie=False):
 def test_llama3_rope_scaling_logits_match_transformers(tmp_path):
     hf = hf_llama3()
     hf.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
+    ours = hf_io.load_model(tmp_path / "hf").eval()
     assert ours.args.rope_scaling == LLAMA3_ROPE and ours.args.rope_theta == 500000.0
     x = torch.randint(0, 101, (2, 40), generator=torch.Generator().manual_seed(1))
     pos = torch.arange(40)[None].expand(2, -1) + 300   # past original_max_position_embeddings (64)
@@ -46,11 +49,11 @@ def test_llama3_rope_scaling_logits_match_transformers(tmp_path):
         plain.load_state_dict(ours.state_dict())
         assert (plain(x, position_ids=pos) - ref).abs().max().item() > 1e-2   # the scaling matters here
         # our checkpoint (4.x dialect: top-level rope_theta + rope_scaling) reads back in transformers
-        ours.save_pretrained(tmp_path / "ours")
+        hf_io.save_model(ours, tmp_path / "ours")
         back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="sdpa").eval()
         assert (back(x, position_ids=pos).logits - ref).abs().max().item() <= 1e-5
         # and generation (its own RoPE tables) continues the way a full forward does
-        out = ours.generate([x[0, :12].tolist()], 6)[0]
+        out = generate(ours, [x[0, :12].tolist()], 6)[0]
         full = ours(torch.tensor([x[0, :12].tolist() + out[:-1]]))[0, 11:].argmax(-1).tolist()
         assert out == full
 
@@ -58,15 +61,15 @@ def test_llama3_rope_scaling_logits_match_transformers(tmp_path):
 def test_rope_types_read_and_refused():
     base = dict(model_type="llama", hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=96,
                 vocab_size=50, rope_theta=500000.0)
-    a = ModelArgs.from_hf_config({**base, "rope_scaling": {**LLAMA3_ROPE, "rope_type": None, "type": "llama3"}})
+    a = hf_io.args_from_hf_config({**base, "rope_scaling": {**LLAMA3_ROPE, "rope_type": None, "type": "llama3"}})
     assert a.rope_scaling == LLAMA3_ROPE                      # old "type" key
-    b = ModelArgs.from_hf_config({**base, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}})
+    b = hf_io.args_from_hf_config({**base, "rope_parameters": {**LLAMA3_ROPE, "rope_theta": 500000.0}})
     assert b.rope_scaling == LLAMA3_ROPE and b.rope_theta == 500000.0   # transformers 5.x dialect
-    assert ModelArgs.from_hf_config({**base, "rope_scaling": None}).rope_scaling is None
+    assert hf_io.args_from_hf_config({**base, "rope_scaling": None}).rope_scaling is None
     with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
-        ModelArgs.from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+        hf_io.args_from_hf_config({**base, "rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
     with pytest.raises(CheckpointError, match="cfg.json: rope type 'llama3' needs high_freq_factor"):
-        ModelArgs.from_hf_config({**base, "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items()
+        hf_io.args_from_hf_config({**base, "rope_scaling": {k: v for k, v in LLAMA3_ROPE.items()
                                                            if k != "high_freq_factor"}}, "cfg.json")
 
 
@@ -338,8 +341,8 @@ def llama3_ckpt(tmp_path_factory):
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=48, vocab_size=tok.vocab_size,
                      sliding_window=None, max_position_embeddings=2048, model_type="llama", rope_theta=500000.0,
                      rope_scaling=dict(LLAMA3_ROPE), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
-    Transformer(args).init_weights(std=0.3, seed=0).save_pretrained(str(d / "model"))
-    Transformer(args).init_weights(std=0.3, seed=0).save_pretrained(str(d / "full"), extra_files=tok.files())
+    hf_io.save_model(Transformer(args).init_weights(std=0.3, seed=0), str(d / "model"))
+    hf_io.save_model(Transformer(args).init_weights(std=0.3, seed=0), str(d / "full"), extra_files=tok.files())
     rows = data.synthetic_pairs(16, 5)
     (d / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return d
@@ -365,12 +368,12 @@ def test_train_on_tokenizer_json_checkpoint_and_output_loads_in_transformers(lla
     hf_tok = transformers.AutoTokenizer.from_pretrained(ck)
     msgs = CONVERSATIONS[2]
     assert ours_tok.chat_template == LLAMA3 and data.render_chat(ours_tok, msgs)[0] == hf_ids(hf_tok, msgs)
-    ours = Transformer.from_pretrained(ck).eval()
+    ours = hf_io.load_model(ck).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(ck, attn_implementation="sdpa").eval()
     x = torch.tensor([data.render_chat(ours_tok, msgs)[0]])
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
-    init = Transformer.from_pretrained(str(d / "model"))
+    init = hf_io.load_model(str(d / "model"))
     assert (ours.norm.weight - init.norm.weight).abs().max() > 1e-5          # it did train
 
 

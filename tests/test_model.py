@@ -6,7 +6,10 @@ import os
 import pytest
 import torch
 
-from model import CheckpointError, ModelArgs, Transformer
+from generate import generate
+from hf_io import CheckpointError
+import hf_io
+from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")
 
@@ -45,7 +48,7 @@ def ids_batch(B=2, T=24, seed=1):
 def test_logits_match_transformers(tmp_path, kind, tie):
     hf = hf_model(kind, tie)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_model(tmp_path).eval()
     assert ours.args.sliding_window == (8 if kind == "mistral" else None)
     x = ids_batch(T=24)  # longer than the sliding window (8)
     with torch.no_grad():
@@ -58,7 +61,7 @@ def test_sharded_checkpoint_matches(tmp_path):
     hf = hf_model("mistral")
     hf.save_pretrained(tmp_path, max_shard_size="60KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_model(tmp_path).eval()
     x = ids_batch()
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
@@ -68,8 +71,8 @@ def test_sharded_checkpoint_matches(tmp_path):
 def test_save_pretrained_round_trip_through_transformers(tmp_path, tie, shard):
     hf = hf_model("mistral", tie)
     hf.save_pretrained(tmp_path / "hf")
-    ours = Transformer.from_pretrained(tmp_path / "hf").eval()
-    ours.save_pretrained(tmp_path / "ours", max_shard_bytes=shard)
+    ours = hf_io.load_model(tmp_path / "hf").eval()
+    hf_io.save_model(ours, tmp_path / "ours", max_shard_bytes=shard)
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]  # temp dir renamed away
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     x = ids_batch()
@@ -77,7 +80,7 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, tie, shard):
         assert torch.equal(back(x).logits, hf(x).logits)  # same weights, same HF code: bit-identical
         assert (back(x).logits - ours(x)).abs().max().item() <= 1e-5
     # and ours reloads its own output bit-exactly
-    again = Transformer.from_pretrained(tmp_path / "ours")
+    again = hf_io.load_model(tmp_path / "ours")
     for (n, a), (_, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert torch.equal(a, b), n
 
@@ -85,10 +88,10 @@ def test_save_pretrained_round_trip_through_transformers(tmp_path, tie, shard):
 def test_save_replaces_existing_dir_atomically(tmp_path):
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=40,
                               vocab_size=50)).init_weights(seed=0)
-    m.save_pretrained(tmp_path / "ck")
+    hf_io.save_model(m, tmp_path / "ck")
     m.init_weights(seed=1)
-    m.save_pretrained(tmp_path / "ck")
-    again = Transformer.from_pretrained(tmp_path / "ck")
+    hf_io.save_model(m, tmp_path / "ck")
+    again = hf_io.load_model(tmp_path / "ck")
     assert torch.equal(again.embed_tokens.weight, m.embed_tokens.weight)
     assert sorted(os.listdir(tmp_path)) == ["ck"]
 
@@ -151,10 +154,10 @@ def greedy_no_cache(model, prompts, n):
 def test_generation_cache_equals_recompute_equals_transformers(tmp_path):
     hf = hf_model("mistral", window=8, std=0.15)
     hf.save_pretrained(tmp_path)
-    ours = Transformer.from_pretrained(tmp_path).eval()
+    ours = hf_io.load_model(tmp_path).eval()
     prompts = [[1, 5, 9, 33, 7, 81, 12], [1, 44], [1, 3, 3, 17, 90]]
     n = 40
-    got = ours.generate(prompts, n, stop_ids=[])
+    got = generate(ours, prompts, n, stop_ids=[])
     assert [len(g) for g in got] == [n] * 3
     assert got == greedy_no_cache(ours, prompts, n)
     P = max(map(len, prompts))
@@ -169,23 +172,23 @@ def test_generation_stops_per_row_and_sampling_is_seeded():
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=16, hidden_dim=40,
                               vocab_size=30, sliding_window=None)).init_weights(std=0.5, seed=0).eval()
     prompts = [[1, 4, 5], [1, 9]]
-    free = m.generate(prompts, 12, stop_ids=[])
+    free = generate(m, prompts, 12, stop_ids=[])
     stop = free[0][3]
-    cut = m.generate(prompts, 12, stop_ids=[stop])
+    cut = generate(m, prompts, 12, stop_ids=[stop])
     for f, c in zip(free, cut):
         k = f.index(stop) + 1 if stop in f else len(f)
         assert c == f[:k]
-    a = m.generate(prompts, 10, temperature=1.0, top_p=0.9, seed=7)
-    b = m.generate(prompts, 10, temperature=1.0, top_p=0.9, seed=7)
-    c = m.generate(prompts, 10, temperature=1.0, top_p=0.9, seed=8, stop_ids=[])
+    a = generate(m, prompts, 10, temperature=1.0, top_p=0.9, seed=7)
+    b = generate(m, prompts, 10, temperature=1.0, top_p=0.9, seed=7)
+    c = generate(m, prompts, 10, temperature=1.0, top_p=0.9, seed=8, stop_ids=[])
     assert a == b and a != c
-    assert m.generate(prompts, 10, temperature=1.0, top_k=1, seed=3, stop_ids=[]) == [f[:10] for f in free]
+    assert generate(m, prompts, 10, temperature=1.0, top_k=1, seed=3, stop_ids=[]) == [f[:10] for f in free]
 
 
 def write_tiny(tmp_path, tie=False):
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=40,
                               vocab_size=50, tie_word_embeddings=tie)).init_weights(seed=0)
-    m.save_pretrained(tmp_path)
+    hf_io.save_model(m, tmp_path)
     return m
 
 
@@ -197,41 +200,41 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
 
     bad = dict(good); bad.pop("model.layers.0.mlp.up_proj.weight"); save_file(bad, f)
     with pytest.raises(CheckpointError, match="missing.*model.layers.0.mlp.up_proj.weight"):
-        Transformer.from_pretrained(tmp_path)
+        hf_io.load_model(tmp_path)
     bad = dict(good); bad["model.layers.0.extra.weight"] = torch.zeros(2); save_file(bad, f)
     with pytest.raises(CheckpointError, match="unexpected key 'model.layers.0.extra.weight'.*"):
-        Transformer.from_pretrained(tmp_path)
+        hf_io.load_model(tmp_path)
     bad = dict(good); bad["model.norm.weight"] = torch.zeros(31); save_file(bad, f)
     with pytest.raises(CheckpointError, match=r"model.norm.weight' has shape \(31,\), expected \(32,\)"):
-        Transformer.from_pretrained(tmp_path)
+        hf_io.load_model(tmp_path)
     save_file(good, f)
 
     cfg = json.loads((tmp_path / "config.json").read_text())
     broken = dict(cfg); broken.pop("num_hidden_layers")
     (tmp_path / "config.json").write_text(json.dumps(broken))
     with pytest.raises(CheckpointError, match="config.json: missing required field 'num_hidden_layers'"):
-        Transformer.from_pretrained(tmp_path)
+        hf_io.load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(cfg))
 
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
         {"weight_map": {k: ("model.safetensors" if i else "model-00002-of-00002.safetensors")
                         for i, k in enumerate(good)}}))
     with pytest.raises(CheckpointError, match="names shard 'model-00002-of-00002.safetensors'"):
-        Transformer.from_pretrained(tmp_path)
+        hf_io.load_model(tmp_path)
 
 
 def test_config_dialects():
     base = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=32000, rms_norm_eps=1e-5, model_type="mistral")
-    v01 = ModelArgs.from_hf_config(dict(base, rope_theta=10000.0, sliding_window=4096))
-    v4 = ModelArgs.from_hf_config(dict(base, rope_theta=1e6, head_dim=None, sliding_window=None))
-    v5 = ModelArgs.from_hf_config(dict(base, head_dim=128, rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
+    v01 = hf_io.args_from_hf_config(dict(base, rope_theta=10000.0, sliding_window=4096))
+    v4 = hf_io.args_from_hf_config(dict(base, rope_theta=1e6, head_dim=None, sliding_window=None))
+    v5 = hf_io.args_from_hf_config(dict(base, head_dim=128, rope_parameters={"rope_theta": 1e6, "rope_type": "default"},
                                        dtype="bfloat16", vocab_size=32768))
     assert (v01.head_dim, v01.rope_theta, v01.sliding_window) == (128, 1e4, 4096)
     assert (v4.head_dim, v4.rope_theta, v4.sliding_window) == (128, 1e6, None)
     assert (v5.head_dim, v5.rope_theta, v5.vocab_size) == (128, 1e6, 32768)
     with pytest.raises(CheckpointError, match="rope type 'llama3'"):
-        ModelArgs.from_hf_config(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
+        hf_io.args_from_hf_config(dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0}))
 
 
 def test_mistral_7b_parameter_count_and_flops():

@@ -6,8 +6,10 @@ import torch
 import data
 import onpolicy
 import train
-from model import Transformer
+from generate import generate
+import hf_io
 from test_train import TINY
+import checkpoint
 
 
 def sevens(prompt, response):
@@ -23,10 +25,10 @@ def tok_path(tmp_path_factory):
 
 
 def mean_reward(ckpt, tok, n=32):
-    m = Transformer.from_pretrained(ckpt).eval()
+    m = hf_io.load_model(ckpt).eval()
     prompts = [data.render_chat(tok, r["messages"][:1], add_generation_prompt=True)[0]
                for r in data.synthetic_task(n, 99)]
-    outs = m.generate(prompts * 4, 8, temperature=1.0, seed=0, stop_ids=[tok.eos_id])
+    outs = generate(m, prompts * 4, 8, temperature=1.0, seed=0, stop_ids=[tok.eos_id])
     return sum(sevens("", tok.decode(o)) for o in outs) / len(outs)
 
 
@@ -54,7 +56,7 @@ def test_samples_come_from_the_current_weights(tok_path):
     sampler.refresh(m, 0, [0, 1], torch.device("cpu"))
     assert set(sampler.samples) == {0, 1} and all(len(o) == 3 for o, _ in sampler.samples.values())
     def expected(model, step, i):   # what `model` itself samples for prompt i in that round
-        return model.generate([onpolicy.prompt_of(ex[i])] * 3, 5, temperature=1.0, top_p=1.0,
+        return generate(model, [onpolicy.prompt_of(ex[i])] * 3, 5, temperature=1.0, top_p=1.0,
                               row_seeds=[onpolicy.stable_seed(cfg.seed, step, i, j) for j in range(3)],
                               stop_ids=[tok.eos_id])
     assert sampler.samples[1][0] == expected(m, 0, 1)
@@ -77,7 +79,7 @@ def test_training_loop_resamples_with_the_live_weights(tmp_path, tok_path, monke
     train.main(TINY + [f"--tokenizer={tok_path}", "--loss=sft", "--max_steps=4", "--micro_batch_size=4",
                        "--onpolicy_every=2", "--n_samples=2", "--max_new_tokens=4", f"--out_dir={tmp_path}"])
     assert [s for s, _ in seen] == [0, 2]
-    final = Transformer.from_pretrained(train.list_checkpoints(str(tmp_path))[-1])
+    final = hf_io.load_model(checkpoint.list_checkpoints(str(tmp_path))[-1])
     assert not torch.equal(seen[0][1], seen[1][1])            # round 2 saw trained weights
     assert not torch.equal(seen[1][1], final.norm.weight)     # and they were live, not a final copy
 

@@ -5,9 +5,10 @@ import os
 import textwrap
 
 import pytest
-
 import torch
 
+import hf_io
+import refcache
 from test_distributed import GUARD, ROOT, metrics, torchrun  # noqa: F401
 from test_train import TINY
 
@@ -69,25 +70,24 @@ def test_sharded_load_never_holds_the_whole_model(tmp_path):
     args = ModelArgs(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, head_dim=64, hidden_dim=1536, vocab_size=8000,
                      sliding_window=None)
     ck, warm = str(tmp_path / "ck"), str(tmp_path / "warm")
-    Transformer(args).init_weights(seed=0).save_pretrained(ck, dtype=torch.bfloat16)
-    Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
-                          vocab_size=64)).init_weights(seed=0).save_pretrained(warm, dtype=torch.bfloat16)
+    hf_io.save_model(Transformer(args).init_weights(seed=0), ck, dtype=torch.bfloat16)
+    hf_io.save_model(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
+                          vocab_size=64)).init_weights(seed=0), warm, dtype=torch.bfloat16)
     script = tmp_path / "load.py"
     script.write_text(textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {ROOT!r})
-        import parallel
-        from model import Transformer
+        import hf_io, parallel
         rank, _, world, _ = parallel.setup(120)
-        parallel.load_sharded({warm!r}, torch.device("cpu"), bf16=False)   # imports, one-time set-up: not the load
+        hf_io.load_model_sharded({warm!r}, torch.device("cpu"), bf16=False)   # imports, one-time set-up: not the load
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        model = parallel.load_sharded({ck!r}, torch.device("cpu"), bf16=False)
+        model = hf_io.load_model_sharded({ck!r}, torch.device("cpu"), bf16=False)
         grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
         full = sum(p.numel() * 4 for p in model.parameters())
         x = torch.arange(64).reshape(2, 32) * 37 % 8000
         with torch.no_grad():
             got = model(x)
-        ref = Transformer.from_pretrained({ck!r}, dtype=torch.float32).eval()
+        ref = hf_io.load_model({ck!r}, dtype=torch.float32).eval()
         with torch.no_grad():
             want = ref(x)
         print("LOAD", rank, grew / full, (got - want).abs().max().item())
@@ -109,8 +109,8 @@ def test_fsdp_run_from_a_checkpoint_loads_sharded_and_equals_one_process(tmp_pat
     from model import ModelArgs, Transformer
     from test_train import max_diff, weights
     ck = str(tmp_path / "init")
-    Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
-                          sliding_window=None)).init_weights(seed=3).save_pretrained(ck)
+    hf_io.save_model(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
+                          sliding_window=None)).init_weights(seed=3), ck)
     for name, rows in (("train", data.synthetic_pairs(64, 0)), ("eval", data.synthetic_pairs(16, 1))):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = TINY + [f"--tokenizer={tok_path}", f"--init_from={ck}", "--loss=dpo", "--max_steps=2", "--eval_every=2",
@@ -162,8 +162,8 @@ def test_two_rank_resume_from_the_sharded_checkpoint_is_bit_identical(tmp_path, 
                      "--micro_batch_size=4", f"--parallel={parallel}", "--optimizer=rmsprop"]
     if parallel == "fsdp":
         init = str(tmp_path / "init")
-        Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
-                              sliding_window=None)).init_weights(seed=3).save_pretrained(init, dtype=torch.bfloat16)
+        hf_io.save_model(Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320,
+                              sliding_window=None)).init_weights(seed=3), init, dtype=torch.bfloat16)
         common.append(f"--init_from={init}")
     full, cut = tmp_path / "full", tmp_path / "cut"
     torchrun([GUARD] + common + [f"--out_dir={full}"])
@@ -189,7 +189,7 @@ def test_two_rank_resume_from_the_sharded_checkpoint_is_bit_identical(tmp_path, 
         ck = str(full / "ckpt-000004")
         hf = transformers.AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager").eval()
         assert hf.dtype == torch.bfloat16                   # from config.json's torch_dtype
-        hf, ours = hf.float(), Transformer.from_pretrained(ck, dtype=torch.float32).eval()
+        hf, ours = hf.float(), hf_io.load_model(ck, dtype=torch.float32).eval()
         x = torch.randint(3, 320, (2, 20))
         with torch.no_grad():
             assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
@@ -198,7 +198,7 @@ def test_two_rank_resume_from_the_sharded_checkpoint_is_bit_identical(tmp_path, 
 def test_export_dtype_follows_the_init_checkpoint(tmp_path):
     import checkpoint
     import train
-    from model import CheckpointError
+    from hf_io import CheckpointError
     init = tmp_path / "init"
     init.mkdir()
     cfg = train.parse_config([])
@@ -212,7 +212,7 @@ def test_export_dtype_follows_the_init_checkpoint(tmp_path):
 
 
 def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
-    from model import atomic_dir
+    from atomic import write_dir
     synced, real = [], os.fsync
 
     def fsync(fd):
@@ -224,7 +224,7 @@ def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
         os.makedirs(os.path.join(d, "dcp"))
         for name in ("trainer_state.pt", "dcp/__0_0.distcp"):
             open(os.path.join(d, name), "w").write("x")
-    atomic_dir(str(tmp_path / "ckpt-000002"), write)
+    write_dir(str(tmp_path / "ckpt-000002"), write)
     # paths inside the temp dir .tmp-ckpt-000002-XXXX/ ("" = the temp dir itself)
     names = {p.split("/.tmp-ckpt-000002-")[1].partition("/")[2] for p in synced if "/.tmp-ckpt-000002-" in p}
     assert {"trainer_state.pt", "dcp/__0_0.distcp", "dcp", ""} <= names, synced   # files, sub-dir, the dir
@@ -251,7 +251,7 @@ def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_
             assert not calls and isinstance(again, tokcache.CachedExamples)
             assert list(again) == want and again[-1] == want[-1] and again[1:3] == want[1:3]
             assert again.lengths() == train.example_lengths(want) and not calls
-            assert train.data_fingerprint(tok, again) == train.data_fingerprint(tok, want)
+            assert refcache.data_fingerprint(tok, again) == refcache.data_fingerprint(tok, want)
             tokcache.load(load, str(src), tok, cache, 0, False, **{**kw, "max_length": 30})  # other lengths
             assert calls                                                           # miss: tokenized again
         d = stats["cache"]
@@ -275,7 +275,7 @@ def test_memory_plan_counts_the_model_and_refuses_ddp_at_7b(tmp_path, monkeypatc
     a = ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320)
     assert memplan.n_params(a) == Transformer(a).num_params()
     kw = dict(micro_batch_size=8, seq_len=1024, optimizer="rmsprop", bf16=True, grad_checkpointing=True, loss="ift")
-    m7b = ModelArgs.from_hf_config(M7B)
+    m7b = hf_io.args_from_hf_config(M7B)
     assert abs(memplan.n_params(m7b) / 1e9 - 7.24) < 0.01
     fsdp, ddp = memplan.plan(m7b, 8, "fsdp", **kw), memplan.plan(m7b, 8, "ddp", **kw)
     assert abs(fsdp["params"] - 4 * 7.24e9 / 8 / 2**30) < 0.01 and fsdp["grads"] == fsdp["params"] == fsdp["optimizer"]

@@ -13,7 +13,10 @@ import torch
 
 import data
 import train
-from model import CheckpointError, ModelArgs, Transformer
+from hf_io import CheckpointError
+import hf_io
+from model import ModelArgs, Transformer
+import refcache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U, A, S = "user", "assistant", "system"
@@ -44,7 +47,7 @@ def files(tmp_path_factory, tok):
     ckpt = str(d / "ckpt")
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=40,
                      vocab_size=tok.vocab_size, sliding_window=None, max_position_embeddings=256)
-    Transformer(args).init_weights(std=0.02, seed=0).save_pretrained(ckpt, extra_files={"tokenizer.model": tok.path})
+    hf_io.save_model(Transformer(args).init_weights(std=0.02, seed=0), ckpt, extra_files={"tokenizer.model": tok.path})
     return {"dir": d, "rows": rows, "a": write_jsonl(d / "a.jsonl", rows[:5]), "b": write_jsonl(d / "b.jsonl", rows[5:]),
             "all": write_jsonl(d / "all.jsonl", rows), "ckpt": ckpt,
             "train": write_jsonl(d / "train.jsonl", data.synthetic_task(16, 4)), "vocab": tok.vocab_size}
@@ -91,7 +94,7 @@ def test_mixture_with_caps_and_fingerprint(tok, files):
     assert st["sources"] == [{"source": f"{a}:3", "files": 1, "rows": 3}, {"source": b, "files": 1, "rows": 4}]
     assert st["rows"] == st["examples"] == 7
     assert data.load_sft(f"{a}:99", tok)[1]["sources"][0]["rows"] == 5          # a cap past the end: all rows
-    fp = lambda spec: train.data_fingerprint(tok, data.load_sft(spec, tok)[0])
+    fp = lambda spec: refcache.data_fingerprint(tok, data.load_sft(spec, tok)[0])
     assert fp(f"{a}:3,{b}") == fp(f"{a}:3,{b}") != fp(f"{a}:2,{b}")               # the cap moves the fingerprint
     assert data.parse_sources("x:y.jsonl, z.json:12") == [("x:y.jsonl", None), ("z.json", 12)]   # only digits cap
     with pytest.raises(data.DataError, match="at least 1"):

@@ -14,6 +14,10 @@ import pytest
 import data
 import train
 from test_train import ROOT, TINY
+import checkpoint
+from generate import generate
+import hf_io
+from model import ModelArgs, Transformer
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
@@ -28,11 +32,11 @@ def test_a_new_run_never_mixes_with_an_old_one(tmp_path, tok_path):
     old checkpoints go, the newest checkpoint is this run's and metrics.jsonl holds this run only."""
     common = TINY + [f"--tokenizer={tok_path}", "--loss=sft", "--micro_batch_size=8", f"--out_dir={tmp_path}"]
     train.main(common + ["--max_steps=4", "--save_every=2", "--keep_last=5"])
-    assert [os.path.basename(c) for c in train.list_checkpoints(str(tmp_path))] == ["ckpt-000002", "ckpt-000004"]
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["ckpt-000002", "ckpt-000004"]
     with pytest.raises(SystemExit, match="already holds a run .*ckpt-000004.*--resume.*--overwrite"):
         train.main(common + ["--max_steps=1"])
     s = train.main(common + ["--max_steps=1", "--overwrite", "--keep_last=1"])
-    assert [os.path.basename(c) for c in train.list_checkpoints(str(tmp_path))] == ["ckpt-000001"]
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["ckpt-000001"]
     assert s["checkpoint"].endswith("ckpt-000001") and os.path.isdir(s["checkpoint"])
     assert [json.loads(l)["step"] for l in open(tmp_path / "metrics.jsonl")] == [1]
 
@@ -46,7 +50,7 @@ def test_pruning_keeps_the_checkpoint_just_written(tmp_path, tok_path):
     shutil.copytree(tmp_path / "ckpt-000002", tmp_path / "ckpt-000090")
     s = train.main(common + ["--max_steps=4", "--resume", "--keep_last=1"])
     assert s["checkpoint"].endswith("ckpt-000004") and os.path.isdir(s["checkpoint"])
-    assert [os.path.basename(c) for c in train.list_checkpoints(str(tmp_path))] == ["ckpt-000004"]
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["ckpt-000004"]
 
 
 def test_resume_reports_refuses_and_finishes_cleanly(tmp_path, tok_path, capsys):
@@ -69,8 +73,8 @@ def test_bad_settings_fail_before_any_reference_log_prob(tmp_path, tok_path):
     assert "Traceback" not in p.stderr and not glob.glob(str(tmp_path / "kto" / "ref_logps-*"))
     # a model whose embedding is smaller than the tokenizer (ids past it would crash mid-run)
     ck = tmp_path / "small"
-    train.Transformer(train.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
-                                      vocab_size=100)).init_weights(seed=0).save_pretrained(str(ck))
+    hf_io.save_model(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
+                                      vocab_size=100)).init_weights(seed=0), str(ck))
     p = script("train.py", TINY + [f"--tokenizer={tok_path}", "--loss=dpo", f"--init_from={ck}",
                                    f"--out_dir={tmp_path / 'dpo'}"])
     n = data.Tokenizer(tok_path).vocab_size
@@ -108,9 +112,9 @@ def test_sample_and_eval_only_reproduce_the_run(tmp_path):
     p = script("sample.py", ["--model", str(out), "--prompt", "Add 12 and 30.", "--max_new_tokens", "16"])
     assert p.returncode == 0, p.stderr
     tok = data.Tokenizer(os.path.join(s["checkpoint"], "tokenizer.model"))
-    m = train.Transformer.from_pretrained(s["checkpoint"]).eval()
+    m = hf_io.load_model(s["checkpoint"]).eval()
     prompt = data.render_chat(tok, [{"role": "user", "content": "Add 12 and 30."}], add_generation_prompt=True)[0]
-    want = tok.decode(m.generate([prompt], 16, stop_ids=[tok.eos_id])[0])
+    want = tok.decode(generate(m, [prompt], 16, stop_ids=[tok.eos_id])[0])
     assert p.stdout.endswith(f"--- 'Add 12 and 30.'\n{want}\n")      # the checkpoint's own greedy answer
     p = script("sample.py", ["--model", str(tmp_path / "nope")])
     assert p.returncode != 0 and "no such directory" in p.stderr and "Traceback" not in p.stderr
@@ -141,7 +145,7 @@ def test_the_examples_section_runs_as_written(tmp_path):
         assert argv[0] == "python"
         p = script(argv[1], argv[2:], cwd=tmp_path, timeout=600)
         assert p.returncode == 0, (c, p.stdout[-2000:], p.stderr[-2000:])
-    assert train.list_checkpoints(str(tmp_path / "out" / "mychat")) and train.list_checkpoints(str(tmp_path / "out" / "mydpo"))
+    assert checkpoint.list_checkpoints(str(tmp_path / "out" / "mychat")) and checkpoint.list_checkpoints(str(tmp_path / "out" / "mydpo"))
 
 
 def test_nothing_outside_the_repository_is_cited():

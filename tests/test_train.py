@@ -15,6 +15,11 @@ from safetensors.torch import load_file
 import data
 import train
 from conftest import teardown_abort_only
+import atomic
+import checkpoint
+import hf_io
+from model import ModelArgs, Transformer
+import refcache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--n_train=64",
@@ -48,7 +53,7 @@ def test_two_process_run_equals_single_process(tmp_path, tok_path, parallel, los
     run(common + [f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8"])
     run(common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4"], nproc=2)
     a, b = weights(tmp_path / "one"), weights(tmp_path / "two")
-    init = train.Transformer(train.ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
+    init = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
                                              vocab_size=320)).init_weights(seed=1337)
     moved = (a["model.norm.weight"] - init.norm.weight).abs().max().item()
     assert moved > 1e-4          # training did change the weights...
@@ -80,15 +85,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tok_path):
 
 def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(tmp_path):
     good = tmp_path / "ckpt-000002"
-    train.atomic_dir(str(good), lambda d: open(os.path.join(d, "trainer_state.pt"), "w").write("good"))
+    atomic.write_dir(str(good), lambda d: open(os.path.join(d, "trainer_state.pt"), "w").write("good"))
 
     def dies(d):
         open(os.path.join(d, "trainer_state.pt"), "w").write("half")
         raise KeyboardInterrupt  # e.g. a signal while the weights are being written
     for path in (good, tmp_path / "ckpt-000004"):
         with pytest.raises(KeyboardInterrupt):
-            train.atomic_dir(str(path), dies)
-    assert train.list_checkpoints(str(tmp_path)) == [str(good)]
+            atomic.write_dir(str(path), dies)
+    assert checkpoint.list_checkpoints(str(tmp_path)) == [str(good)]
     assert open(good / "trainer_state.pt").read() == "good"
     assert sorted(os.listdir(tmp_path)) == ["ckpt-000002"]
 
@@ -112,9 +117,9 @@ def test_precomputed_reference_equals_online_and_cache_is_keyed(tmp_path, tok_pa
     cfg = train.parse_config(common)
     tok = data.Tokenizer(tok_path)
     ex, _ = data.load_pairs(data.synthetic_pairs(8, 0), tok, 1024, 512)
-    m = train.Transformer(train.ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
                                           vocab_size=320)).init_weights(seed=0)
-    fp = lambda examples: train.fingerprint(cfg, train.data_fingerprint(tok, examples), m)
+    fp = lambda examples: refcache.fingerprint(cfg, refcache.data_fingerprint(tok, examples), m)
     f0 = fp(ex)
     assert fp(ex) == f0
     assert fp(ex[:-1]) != f0                                   # a changed dataset
@@ -134,7 +139,7 @@ def test_demo_end_to_end_and_checkpoint_loads_in_transformers(tmp_path):
     assert 0.0 <= summary["heldout_exact_match"] <= 1.0 and math.isfinite(summary["eval/loss"])
     ck = summary["checkpoint"]
     assert os.path.isfile(os.path.join(ck, "tokenizer.model"))
-    ours = train.Transformer.from_pretrained(ck).eval()
+    ours = hf_io.load_model(ck).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(ck, attn_implementation="eager").eval()
     x = torch.randint(3, 320, (2, 30))
     with torch.no_grad():
@@ -180,4 +185,4 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path, tok_path):
     run(common + ["--max_steps=2"])
     p = run(common + ["--max_steps=4", "--resume=true", "--lr=1e30", "--grad_clip=0"], check=False)
     assert p.returncode != 0 and "non-finite" in p.stderr + p.stdout
-    assert [os.path.basename(c) for c in train.list_checkpoints(str(tmp_path))] == ["ckpt-000002"]
+    assert [os.path.basename(c) for c in checkpoint.list_checkpoints(str(tmp_path))] == ["ckpt-000002"]
