@@ -157,12 +157,12 @@ def bench_ift(threads=2):
 
 def bench_train():
     """Training tokens/s of the demo loop per objective on the same synthetic data and model."""
-    import data
+    import data, tokenizer
     import train
     rows = []
     with tempfile.TemporaryDirectory() as d:
         rows_txt = data.corpus_text(data.synthetic_pairs(1000, 1337))
-        data.train_tokenizer(rows_txt, f"{d}/tok", 512)
+        tokenizer.train_tokenizer(rows_txt, f"{d}/tok", 512)
         arms = [("sft", []), ("ift", []), ("dpo", ["--ref=precompute"]), ("dpo", ["--ref=online"]), ("orpo", [])]
         for i, (name, extra) in enumerate(arms):
             s = train.main([f"--loss={name}", "--max_steps=12", "--n_train=512", "--n_eval=0", "--gen_eval=0",
@@ -175,10 +175,10 @@ def bench_train():
 
 def bench_eval():
     """arc_gen questions/s on a demo-sized model, batch 1 vs 16, eager vs compiled (ARC-format fixture questions)."""
-    import data
+    import data, tokenizer
     import eval_gen
     with tempfile.TemporaryDirectory() as d:
-        tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tokenizer", 512)
+        tok = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tokenizer", 512)
         m = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=688,
                                   vocab_size=tok.vocab_size, sliding_window=None)).init_weights(seed=0)
         hf_io.save_model(m, f"{d}/model", extra_files={"tokenizer.model": tok.path})
@@ -198,11 +198,11 @@ def bench_eval():
 def bench_sample():
     """On-policy sampling prompts/s: one generate call per prompt (n_samples rows, the loop before batching)
     vs 64 rows per call; same prompts and per-row seeds, so the same samples."""
-    import data
+    import data, tokenizer
     import onpolicy
     import train
     with tempfile.TemporaryDirectory() as d:
-        tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tok", 512)
+        tok = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(500, 0)), f"{d}/tok", 512)
         ex, _ = data.load_sft(data.synthetic_task(32, 1), tok)
         model = Transformer(ModelArgs(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, head_dim=32, hidden_dim=688,
                                       vocab_size=tok.vocab_size, sliding_window=None)).init_weights(seed=0)
@@ -231,10 +231,10 @@ def _scale_child(mode, path, tok_path, cache):
     """Run in a fresh process: load the chat file as train.py's start does (tokenize to Python lists, or map
     the cache; then the lengths and the data fingerprint), report the time, the tokens and the peak RSS."""
     import resource
-    import data
+    import data, tokenizer
     import tokcache
     import train
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     if mode == "lists":
@@ -251,12 +251,12 @@ def _scale_child(mode, path, tok_path, cache):
 def bench_scale(rows=None):
     """Start-up at scale: a chat file shaped like UltraChat-200k tokenized cold (Python lists), into the
     cache, and mapped from it (rows/s, peak RSS); reference log-prob precompute pairs/s; the memory plan."""
-    import data
+    import data, tokenizer
     import memplan
     import refcache
     rows = rows or int(os.environ.get("BENCH_SCALE_ROWS", 20000))
     with tempfile.TemporaryDirectory() as d:
-        tok = data.train_tokenizer(data.corpus_text(_chat_rows(300, 1, 120)), f"{d}/tok", 8000)
+        tok = tokenizer.train_tokenizer(data.corpus_text(_chat_rows(300, 1, 120)), f"{d}/tok", 8000)
         per_word = len(tok.encode(" ".join(m["content"] for m in _chat_rows(20, 2, 120)[0]["messages"]))) / (
             3 * (120 + 30))
         words = int(1300 / 3 / per_word / 1.25)     # ~1,300 tokens a conversation (an answer = 4 questions' words)
@@ -279,7 +279,7 @@ def bench_scale(rows=None):
               f"({res['cached']['grew_mib'] * 2**20 / r['tokens']:.1f} B/token)")
     # reference log-probs, one process, the small model: pairs/s of refcache.precompute
     with tempfile.TemporaryDirectory() as d:
-        tok = data.train_tokenizer(data.corpus_text(data.synthetic_pairs(300, 0)), f"{d}/tok", 512)
+        tok = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_pairs(300, 0)), f"{d}/tok", 512)
         ex, _ = data.load_pairs(data.synthetic_pairs(256, 1), tok, 256, 128)
         model = Transformer(small_args(tok.vocab_size)).init_weights(seed=0)
         batches = [list(range(i, min(i + 32, len(ex)))) for i in range(0, len(ex), 32)]

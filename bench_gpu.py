@@ -518,11 +518,11 @@ def _torchrun_one(r, par, loss, onp, tok, work, timeout):
 
 
 def sec_torchrun(r):
-    import data
+    import data, tokenizer
     work = tempfile.mkdtemp(prefix="bench_gpu_torchrun-")
     try:
         tok = os.path.join(work, "tok")    # one tokenizer for every run (each run would otherwise train its own)
-        data.train_tokenizer(data.corpus_text(data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)), tok, 320)
+        tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)), tok, 320)
         matrix, per_run = torchrun_matrix(r.tiny), (120 if r.tiny else 180)
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         log(r, f"torchrun: {len(matrix)} runs ({backend}), {r.jobs} at a time")

@@ -7,7 +7,7 @@ lm-evaluation-harness does, on one device or under torchrun (strided slices, ran
   python eval_gen.py --model DIR --task gsm8k  --data test.jsonl --fewshot_data train.jsonl   # 5-shot
 
 DIR: HF-layout checkpoint + its tokenizer (tokenizer.json with its chat template, or tokenizer.model
-with Zephyr's; data.load_tokenizer). Data: AI2's ARC jsonl, HF allenai/ai2_arc rows, GSM8K
+with Zephyr's; tokenizer.load_tokenizer). Data: AI2's ARC jsonl, HF allenai/ai2_arc rows, GSM8K
 {"question", "answer"}; .jsonl, .json or .parquet. Writes OUT/<task>.jsonl and OUT/<task>_summary.json.
 
 A tokenizer.json checkpoint (Llama-3, SmolLM2, ...): arc_gen renders [user message, assistant
@@ -78,6 +78,7 @@ import tempfile
 import time
 
 import torch
+import tokenizer
 
 import data
 import flags
@@ -179,9 +180,9 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False):
     the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill.
     A tokenizer with its own chat template: the pre-fill continued as transformers does it."""
     if getattr(tok, "chat_template", None) is not None:
-        ids, _ = data.render_chat(tok, arc_messages(q, literal_newlines), continue_final_message=True)
+        ids, _ = tokenizer.render_chat(tok, arc_messages(q, literal_newlines), continue_final_message=True)
         return ids[1:] if not bos and ids[:1] == [tok.bos_id] else ids
-    ids, _ = data.render_chat(tok, [{"role": "user", "content": arc_user_message(q, literal_newlines)}],
+    ids, _ = tokenizer.render_chat(tok, [{"role": "user", "content": arc_user_message(q, literal_newlines)}],
                               add_generation_prompt=True, legacy=legacy)
     head = tok.encode("\n<|assistant|>\n", dummy_prefix=legacy)
     tail = tok.encode("\n<|assistant|>\n" + ARC_PREFILL, dummy_prefix=legacy)
@@ -194,7 +195,7 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False):
 def arc_prompt_text(q, tok=None, literal_newlines=False):
     if getattr(tok, "chat_template", None) is not None:
         return tok.render_text(arc_messages(q, literal_newlines), continue_final_message=True)
-    return data.chat_text([{"role": "user", "content": arc_user_message(q, literal_newlines)}],
+    return tokenizer.chat_text([{"role": "user", "content": arc_user_message(q, literal_newlines)}],
                           add_generation_prompt=True) + ARC_PREFILL
 
 
@@ -477,9 +478,9 @@ def write_atomic(path, text):
         raise
 
 
-def load_model(path, dtype, device, tokenizer=None):
+def load_model(path, dtype, device, tokenizer_path=None):
     try:   # the checkpoint dir's tokenizer.json / tokenizer.model, or --tokenizer
-        tok = data.load_tokenizer(tokenizer or path)
+        tok = tokenizer.load_tokenizer(tokenizer_path or path)
     except (OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e} (save the tokenizer with the checkpoint, or pass --tokenizer)")
     model = hf_io.load_model(path, dtype=dtype, device=device).eval()

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-import data
 import flags
 import hf_io
 from checkpoint import resolve_model
 from generate import generate
 from hf_io import CheckpointError
+import tokenizer
 
 
 @dataclass
@@ -46,7 +46,7 @@ def prompts_of(cfg, tok):
     if cfg.raw:
         return texts, [([tok.bos_id] if getattr(tok, "add_bos", True) else []) + tok.encode(t) for t in texts]
     system = [{"role": "system", "content": cfg.system}] if cfg.system else []
-    return texts, [data.render_chat(tok, system + [{"role": "user", "content": t}], add_generation_prompt=True)[0]
+    return texts, [tokenizer.render_chat(tok, system + [{"role": "user", "content": t}], add_generation_prompt=True)[0]
                    for t in texts]
 
 
@@ -57,7 +57,7 @@ def main(argv=None):
              "bfloat16": torch.bfloat16}[cfg.dtype]
     try:
         path = resolve_model(cfg.model)
-        tok = data.load_tokenizer(path)
+        tok = tokenizer.load_tokenizer(path)
         model = hf_io.load_model(path, dtype=dtype, device=device).eval()
     except (CheckpointError, OSError, ValueError, ImportError) as e:
         raise SystemExit(f"error: {e}")

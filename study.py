@@ -38,6 +38,7 @@ import hf_io
 import ift
 import train
 import checkpoint
+import tokenizer
 
 
 @dataclass
@@ -189,7 +190,7 @@ def seed_tokenizer(cfg, seed):
     path = os.path.join(cfg.out_dir, "tokenizers", f"seed{seed}-v{cfg.vocab_size}-n{cfg.n_train}")
     if not os.path.isfile(path + ".model"):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        data.train_tokenizer(data.corpus_text(data.synthetic_pairs(cfg.n_train, seed)), path, cfg.vocab_size)
+        tokenizer.train_tokenizer(data.corpus_text(data.synthetic_pairs(cfg.n_train, seed)), path, cfg.vocab_size)
     return path + ".model"
 
 
@@ -245,7 +246,7 @@ def one_run(cfg, arm, seed):
         except SystemExit as e:
             raise RuntimeError(f"{arm} seed {seed} failed ({e}); see {log}") from None
     t1 = time.time()
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     nll, em = heldout_scores(summary["checkpoint"], tok, heldout_rows(cfg, seed))
     rec = {"arm": arm, "seed": seed, "key": key, "exact_match": em, "nll": nll,
            "final_train_loss": summary["final_train_loss"], "steps": round(cfg.steps * ARMS[arm][1]),

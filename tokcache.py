@@ -7,7 +7,7 @@ through the page cache).
 The cache key covers what the examples depend on: each data file's path, size and mtime, the row caps
 and split, the tokenizer's files, and the loader's options (template conventions, truncation lengths).
 Supervised-token labels are stored in the ids' sign: a label is either -100 or the token's own id
-(data.render_chat), so a negative value -(id + 1) is an unsupervised token.
+(tokenizer.render_chat), so a negative value -(id + 1) is an unsupervised token.
 """
 import hashlib
 import json
@@ -20,6 +20,7 @@ import numpy as np
 
 import data
 import parallel
+import tokenizer
 
 VERSION = 1
 FIELDS = {"sft": ("input_ids",), "pairs": ("prompt_ids", "chosen_ids", "rejected_ids")}
@@ -78,7 +79,7 @@ class CachedExamples(Sequence):
         parts = [np.asarray(self.tokens[o[f]:o[f + 1]], dtype=np.int64) for f in range(F)]
         if self.kind == "sft":
             v = parts[0]
-            return {"input_ids": np.where(v < 0, -v - 1, v), "labels": np.where(v < 0, data.IGNORE, v)}
+            return {"input_ids": np.where(v < 0, -v - 1, v), "labels": np.where(v < 0, tokenizer.IGNORE, v)}
         return dict(zip(self.fields, parts))
 
 
@@ -95,9 +96,9 @@ def write(d, kind, examples, stats):
             v = np.asarray(e[k], dtype=np.int64)
             if kind == "sft":
                 lab = np.asarray(e["labels"], dtype=np.int64)
-                if not np.all((lab == v) | (lab == data.IGNORE)):
+                if not np.all((lab == v) | (lab == tokenizer.IGNORE)):
                     raise ValueError("a label that is neither -100 nor its token's id: cannot store it in the sign")
-                v = np.where(lab == data.IGNORE, -v - 1, v)
+                v = np.where(lab == tokenizer.IGNORE, -v - 1, v)
             tokens[j:j + len(v)] = v
             j += len(v)
     parent = os.path.dirname(os.path.abspath(d))

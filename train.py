@@ -36,6 +36,7 @@ import tokcache
 from generate import generate
 from hf_io import CheckpointError
 from model import ModelArgs, Transformer
+import tokenizer
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")
@@ -205,13 +206,13 @@ def load_data(cfg, rank, use_cache=True):
             text = data.corpus_text(rows if not cfg.data else [r for _, r in data.read_source(cfg.data, cfg.split)[0]])
             print(f"training a {cfg.vocab_size}-piece sentencepiece tokenizer on the training text -> {tok_path}")
             try:
-                data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+                tokenizer.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
             except RuntimeError as e:   # sentencepiece's own words, e.g. a vocabulary smaller than the characters
                 sys.exit(f"error: cannot train a {cfg.vocab_size}-piece tokenizer on {cfg.data or 'the demo data'} "
                          f"(--vocab_size; its 256 byte pieces come first): {str(e).splitlines()[-1]}")
         parallel.barrier()
     try:
-        tok = data.load_tokenizer(tok_path)
+        tok = tokenizer.load_tokenizer(tok_path)
     except (OSError, ValueError, ImportError) as e:
         sys.exit(f"error: tokenizer: {e}")
     check_vocab(cfg, tok)
@@ -466,7 +467,7 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
     hits, example = torch.zeros(2, dtype=torch.float64, device=device), ""
     with parallel.gathered(model):
         for part in chunks[rank::world]:
-            prompts = [data.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
+            prompts = [tokenizer.render_chat(tok, r["messages"][:-1], add_generation_prompt=True)[0] for r in part]
             with ctx:
                 outs = generate(model, prompts, 48, stop_ids=[tok.eos_id])
             hits += torch.tensor([sum(data.check_answer(r, tok.decode(o)) for r, o in zip(part, outs)), len(part)],

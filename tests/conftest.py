@@ -13,10 +13,10 @@ torch.set_num_threads(1)
 @pytest.fixture(scope="session")
 def tok_path(tmp_path_factory):
     """A 320-piece sentencepiece tokenizer trained on demo chat and preference rows, shared by the tests."""
-    import data
+    import data, tokenizer
     d = tmp_path_factory.mktemp("tok")
     rows = data.synthetic_task(300, 0) + data.synthetic_pairs(100, 1)
-    data.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
+    tokenizer.train_tokenizer(data.corpus_text(rows), str(d / "tok"), 320)
     return str(d / "tok.model")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+import tokenizer
 
 U, A, S = "user", "assistant", "system"
 X = -100
@@ -33,13 +34,13 @@ def mistral():
     if p is None:
         pytest.skip("mistral-common (ships Mistral-7B v0.1's tokenizer.model.v1) is not installed: "
                     "pip install --no-deps mistral-common")
-    return data.Tokenizer(p)
+    return tokenizer.Tokenizer(p)
 
 
 @pytest.fixture(scope="module")
 def syn_tok(tmp_path_factory):
     d = tmp_path_factory.mktemp("syntok")
-    tok = data.train_tokenizer(data.corpus_text(data.synthetic_task(400, 0)), str(d / "tok"), 400)
+    tok = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(400, 0)), str(d / "tok"), 400)
     assert sorted(os.listdir(d)) == ["tok.model"]  # written atomically, no temp files left
     return tok
 
@@ -94,7 +95,7 @@ def test_mistral_tokenizer_basics(mistral):
 
 
 def test_single_turn_exact_ids_and_labels(mistral):
-    ids, labels = data.render_chat(mistral, SINGLE)
+    ids, labels = tokenizer.render_chat(mistral, SINGLE)
     assert ids == SINGLE_IDS
     assert labels == [X] * 39 + SINGLE_ANSWER + [X, X]
     assert ids.count(1) == 1 and ids[0] == 1
@@ -103,17 +104,17 @@ def test_single_turn_exact_ids_and_labels(mistral):
 
 
 def test_multi_turn_exact_ids_and_labels(mistral):
-    ids, labels = data.render_chat(mistral, MULTI)
+    ids, labels = tokenizer.render_chat(mistral, MULTI)
     assert ids == MULTI_IDS
     assert supervised(ids, labels) == MULTI_ANSWERS[0] + MULTI_ANSWERS[1]
     assert labels[18:26] == MULTI_ANSWERS[0] and labels[49:52] == MULTI_ANSWERS[1]
     assert labels[:18] == [X] * 18 and labels[26:49] == [X] * 23 and labels[52:] == [X, X]
-    ids2, labels2 = data.render_chat(mistral, MULTI, last_turn_only=True)
+    ids2, labels2 = tokenizer.render_chat(mistral, MULTI, last_turn_only=True)
     assert ids2 == MULTI_IDS and labels2 == [X] * 49 + MULTI_ANSWERS[1] + [X, X]
 
 
 def test_edge_cases_exact_ids_and_labels(mistral):
-    ids, labels = data.render_chat(mistral, EDGE)
+    ids, labels = tokenizer.render_chat(mistral, EDGE)
     assert ids == EDGE_IDS
     assert supervised(ids, labels) == EDGE_ANSWERS
     assert labels[36:42] == EDGE_ANSWERS[:6] and labels[61] == 2 and ids.count(1) == 1 and len(ids) == 64
@@ -121,22 +122,22 @@ def test_edge_cases_exact_ids_and_labels(mistral):
 
 
 def test_generation_prompt(mistral):
-    ids, labels = data.render_chat(mistral, MULTI[:3], add_generation_prompt=True)
+    ids, labels = tokenizer.render_chat(mistral, MULTI[:3], add_generation_prompt=True)
     assert ids == MULTI_IDS[:49] and ids[-9:] == GEN_PROMPT and labels == [X] * 49
-    assert data.render_chat(mistral, [], add_generation_prompt=True)[0] == [1, 523, 28766, 489, 11143, 28766, 28767, 13]
+    assert tokenizer.render_chat(mistral, [], add_generation_prompt=True)[0] == [1, 523, 28766, 489, 11143, 28766, 28767, 13]
 
 
 def test_non_legacy_drops_prefix_after_eos(mistral):
-    ids, labels = data.render_chat(mistral, SINGLE, legacy=False)
+    ids, labels = tokenizer.render_chat(mistral, SINGLE, legacy=False)
     assert ids == [i for k, i in enumerate(SINGLE_IDS) if not (i == 28705 and SINGLE_IDS[k - 1] == 2)]
     assert supervised(ids, labels) == SINGLE_ANSWER
     # text right after a literal "</s>": "b" (28726) without the prefix, not "▁b" (287)
     m = [msg(U, "a"), msg(A, "x</s>b 😀")]
-    ids, labels = data.render_chat(mistral, m, legacy=False)
+    ids, labels = tokenizer.render_chat(mistral, m, legacy=False)
     assert ids == [1, 523, 28766, 1838, 28766, 28767, 13, 28708, 2, 13, 28789, 28766, 489, 11143, 28766, 28767, 13,
                    28744, 2, 28726, 28705, 30575, 2, 13]
     assert supervised(ids, labels) == [28744, 2, 28726, 28705, 30575, 2]
-    assert data.render_chat(mistral, m)[0][20] == 287
+    assert tokenizer.render_chat(mistral, m)[0][20] == 287
 
 
 def test_cross_check_transformers(mistral, tmp_path):
@@ -151,9 +152,9 @@ def test_cross_check_transformers(mistral, tmp_path):
         except Exception as e:  # pragma: no cover - depends on the installed transformers
             pytest.skip(f"transformers cannot load a bare tokenizer.model: {e}")
         for m in (SINGLE, MULTI, edge, [msg(U, "a"), msg(A, "x</s>b 😀")]):
-            want = hf(data.chat_text(m))["input_ids"]
+            want = hf(tokenizer.chat_text(m))["input_ids"]
             want = want if want[:1] == [1] else [1] + want
-            assert data.render_chat(mistral, m, legacy=legacy)[0] == want, (legacy, m)
+            assert tokenizer.render_chat(mistral, m, legacy=legacy)[0] == want, (legacy, m)
 
 
 class MergingTok:
@@ -167,15 +168,15 @@ class MergingTok:
 
 def test_label_boundary_merge_is_an_error():
     with pytest.raises(ValueError, match="merges the assistant header"):
-        data.render_chat(MergingTok(), [msg(U, "q"), msg(A, "ok")])
-    ids, labels = data.render_chat(MergingTok(), [msg(U, "q"), msg(A, "yes")])
+        tokenizer.render_chat(MergingTok(), [msg(U, "q"), msg(A, "ok")])
+    ids, labels = tokenizer.render_chat(MergingTok(), [msg(U, "q"), msg(A, "yes")])
     assert supervised(ids, labels) == [ord("y"), ord("e"), ord("s"), 2]
 
 
 def test_supervised_text_is_the_answers(syn_tok):
     for row in data.synthetic_task(50, 3):
         for legacy in (True, False):
-            ids, labels = data.render_chat(syn_tok, row["messages"], legacy=legacy)
+            ids, labels = tokenizer.render_chat(syn_tok, row["messages"], legacy=legacy)
             sup = supervised(ids, labels)
             answers = [m["content"] for m in row["messages"] if m["role"] == A]
             assert sup.count(syn_tok.eos_id) == len(answers) and sup[-1] == syn_tok.eos_id
@@ -203,7 +204,7 @@ def test_synthetic_task_and_checker(syn_tok):
         ans = r["messages"][-1]["content"]
         assert data.check_answer(r, ans) == 1.0
         assert len(syn_tok.encode(ans)) < 20
-        prompt = data.render_chat(syn_tok, r["messages"][:-1], add_generation_prompt=True)[0]
+        prompt = tokenizer.render_chat(syn_tok, r["messages"][:-1], add_generation_prompt=True)[0]
         assert data.check_answer(syn_tok.decode(prompt), ans) == 1.0    # from the decoded prompt too
     assert data.check_answer("Add 47 and 385.", "47 + 385 = 432") == 1.0
     assert data.check_answer("Add 47 and 385.", "47 + 385 = 422") == 0.0
@@ -224,7 +225,7 @@ def test_load_sft_truncation_and_drops(syn_tok):
     rows = [{"messages": [msg(U, "Sort the list 3 1 2."), msg(A, "1 2 3")]},
             {"messages": [msg(U, "Reverse the list 1 2 3 4 5 6."), msg(A, "6 5 4 3 2 1")]},
             {"messages": [msg(U, "no answer here")]}]
-    full = [data.render_chat(syn_tok, r["messages"]) for r in rows]
+    full = [tokenizer.render_chat(syn_tok, r["messages"]) for r in rows]
     n0 = full[0][1].index(syn_tok.eos_id)        # position of the first row's answer EOS
     L = n0 + 1                                   # keeps row 0's whole answer, cuts its trailing newline
     assert L < len(full[1][0]) and full[1][1][:L] == [X] * L   # row 1 keeps no supervised token
@@ -239,8 +240,8 @@ def test_load_pairs_and_truncation(syn_tok):
     c = [msg(S, "Answer with the result only."), msg(U, "Add 4 and 5."), msg(A, "4 + 5 = 9")]
     row = {"chosen": c, "rejected": c[:-1] + [msg(A, "4 + 5 = 19")]}
     (e,), st = data.load_pairs([row], syn_tok)
-    prompt = data.render_chat(syn_tok, c[:-1], add_generation_prompt=True)[0]
-    full, labels = data.render_chat(syn_tok, c)
+    prompt = tokenizer.render_chat(syn_tok, c[:-1], add_generation_prompt=True)[0]
+    full, labels = tokenizer.render_chat(syn_tok, c)
     assert e["prompt_ids"] == prompt and prompt + e["chosen_ids"] == full[:len(prompt) + len(e["chosen_ids"])]
     assert e["chosen_ids"] == supervised(full, labels) and e["chosen_ids"][-1] == syn_tok.eos_id
     assert e["rejected_ids"][-1] == syn_tok.eos_id and len(e["rejected_ids"]) == len(e["chosen_ids"]) + 1
@@ -406,7 +407,7 @@ def test_inspection_command(tmp_path, syn_tok, capsys):
     pref = {"chosen": [msg(U, "Add 1 and 2."), msg(A, "1 + 2 = 3")], "rejected": [msg(U, "Add 1 and 2."), msg(A, "4")]}
     path = write(tmp_path / "d.jsonl", [CHAT, json.dumps(pref)])
     data.main(["--tokenizer", syn_tok.path, "--data", path, "--index", "1", "--json"])
-    assert json.loads(capsys.readouterr().out) == dict(zip(("input_ids", "labels"), data.render_chat(syn_tok, pref["chosen"])))
+    assert json.loads(capsys.readouterr().out) == dict(zip(("input_ids", "labels"), tokenizer.render_chat(syn_tok, pref["chosen"])))
     data.main(["--tokenizer", syn_tok.path, "--data", path, "--index", "1"])
     out = capsys.readouterr().out
     assert "chosen side" in out and "<|assistant|>\n⟦1 + 2 = 3</s>⟧" in out and "<|user|>\nAdd 1 and 2.</s>" in out

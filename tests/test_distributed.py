@@ -88,7 +88,7 @@ def test_fsdp_sampling_gathers_once_per_round_and_ranks_may_sample_unequally(tmp
         sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
         import collective_guard
         collective_guard.install()
-        import data, onpolicy, parallel, train
+        import data, onpolicy, parallel, tokenizer, train
         from torch.distributed.tensor import DTensor
         calls = []
         def counted(name, fn):
@@ -100,7 +100,7 @@ def test_fsdp_sampling_gathers_once_per_round_and_ranks_may_sample_unequally(tmp
             if hasattr(dist, name):        # FSDP2 calls all_gather_into_tensor (torch 2.11) or all_gather_single
                 setattr(dist, name, counted(name, getattr(dist, name)))
         rank, _, world, _ = parallel.setup(60)
-        tok, cpu = data.Tokenizer({tok_path!r}), torch.device("cpu")
+        tok, cpu = tokenizer.Tokenizer({tok_path!r}), torch.device("cpu")
         ex, _ = data.load_sft(data.synthetic_task(6, 0), tok)
         mine = [0, 1, 2, 3] if rank == 0 else [4]
         per_round = {{}}

@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-import data
 import eval_gen as E
 from conftest import teardown_abort_only
 from generate import generate
 import hf_io
 from model import ModelArgs, Transformer
+import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")
@@ -48,7 +48,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return data.train_tokenizer(_corpus(), str(tmp_path_factory.mktemp("tok") / "tiny"), 400)
+    return tokenizer.train_tokenizer(_corpus(), str(tmp_path_factory.mktemp("tok") / "tiny"), 400)
 
 
 def tiny_model(tok, seed=0, std=0.3, dtype=torch.float32):
@@ -191,7 +191,7 @@ def mistral_tokenizer():
     path = spec and os.path.join(list(spec.submodule_search_locations)[0], "data", "tokenizer.model.v1")
     if not path or not os.path.isfile(path):
         pytest.skip("needs mistral-common's tokenizer.model.v1 (pip install --no-deps mistral-common)")
-    return data.Tokenizer(path)
+    return tokenizer.Tokenizer(path)
 
 
 def test_prompt_ids_literal_with_the_mistral_tokenizer():
@@ -208,7 +208,7 @@ def test_prompt_ids_literal_with_the_mistral_tokenizer():
 
 def test_prefill_is_one_piece_with_the_generation_prompt(tok):
     q = E.load_task("arc_gen", HF)[2]
-    ids, _ = data.render_chat(tok, [{"role": "user", "content": E.arc_user_message(q)}], add_generation_prompt=True)
+    ids, _ = tokenizer.render_chat(tok, [{"role": "user", "content": E.arc_user_message(q)}], add_generation_prompt=True)
     head = tok.encode("\n<|assistant|>\n")
     full = E.arc_gen_prompt(tok, q)
     assert full[:len(ids) - len(head)] == ids[:-len(head)]

@@ -75,6 +75,7 @@ def test_rope_types_read_and_refused():
 
 # ------------------------------------------------------------------------------ tokenizer.json + template
 import data  # noqa: E402
+import tokenizer
 
 # Everything below needs the optional `tokenizers`; the RoPE tests above do not.
 needs_tokenizers = pytest.mark.skipif(importlib.util.find_spec("tokenizers") is None,
@@ -164,11 +165,11 @@ def runs(labels):
     """[(start, end)] of the supervised runs."""
     out, i = [], 0
     while i < len(labels):
-        if labels[i] == data.IGNORE:
+        if labels[i] == tokenizer.IGNORE:
             i += 1
             continue
         j = i
-        while j < len(labels) and labels[j] != data.IGNORE:
+        while j < len(labels) and labels[j] != tokenizer.IGNORE:
             j += 1
         out.append((i, j))
         i = j
@@ -178,30 +179,30 @@ def runs(labels):
 @needs_tokenizers
 def test_ids_equal_transformers_and_supervised_spans_are_the_answers(kind_dir):
     kind, d = kind_dir
-    tok = data.load_tokenizer(d)
+    tok = tokenizer.load_tokenizer(d)
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(d)
     eot = {"chatml": "<|im_end|>", "llama3": "<|eot_id|>"}[kind]
-    assert isinstance(tok, data.HFTokenizer) and tok.eos_id == tok.tk.token_to_id(eot)
+    assert isinstance(tok, tokenizer.HFTokenizer) and tok.eos_id == tok.tk.token_to_id(eot)
     assert tok.add_bos == (kind == "llama3") and tok.pad_id not in (tok.eos_id, tok.eos_token_id)
     assert tok.add_bos == (hf("x")["input_ids"][:1] == [tok.bos_id])
     trim = (lambda s: s.strip()) if kind == "llama3" else (lambda s: s)
     for msgs in CONVERSATIONS:
-        ids, labels = data.render_chat(tok, msgs)
+        ids, labels = tokenizer.render_chat(tok, msgs)
         assert ids == hf_ids(hf, msgs), msgs
-        assert len(labels) == len(ids) and all(x in (data.IGNORE, i) for x, i in zip(labels, ids))
+        assert len(labels) == len(ids) and all(x in (tokenizer.IGNORE, i) for x, i in zip(labels, ids))
         answers = [trim(m["content"]) + eot for m in msgs if m["role"] == "assistant"]
         assert [tok.text_of(ids[a:b]) for a, b in runs(labels)] == answers
-        ids1, labels1 = data.render_chat(tok, msgs, last_turn_only=True)
+        ids1, labels1 = tokenizer.render_chat(tok, msgs, last_turn_only=True)
         assert ids1 == ids and [tok.text_of(ids[a:b]) for a, b in runs(labels1)] == answers[-1:]
-        prompt, pl = data.render_chat(tok, msgs[:-1], add_generation_prompt=True)
-        assert prompt == hf_ids(hf, msgs[:-1], add_generation_prompt=True) and set(pl) == {data.IGNORE}
+        prompt, pl = tokenizer.render_chat(tok, msgs[:-1], add_generation_prompt=True)
+        assert prompt == hf_ids(hf, msgs[:-1], add_generation_prompt=True) and set(pl) == {tokenizer.IGNORE}
         assert ids[:len(prompt)] == prompt                   # the answer follows its generation prompt
     if kind == "llama3":
         assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1          # the template's BOS, once
     # the arc_gen pre-fill: transformers' continue_final_message
     msgs = [M("user", "Which is it?"), M("assistant", "The best answer is")]
-    got, gl = data.render_chat(tok, msgs, continue_final_message=True)
-    assert got == hf_ids(hf, msgs, continue_final_message=True) and set(gl) == {data.IGNORE}
+    got, gl = tokenizer.render_chat(tok, msgs, continue_final_message=True)
+    assert got == hf_ids(hf, msgs, continue_final_message=True) and set(gl) == {tokenizer.IGNORE}
     assert tok.text_of(got).endswith("assistant" + ("\n" if kind == "chatml" else "<|end_header_id|>\n\n") + "The best answer is")
 
 
@@ -209,16 +210,16 @@ def test_ids_equal_transformers_and_supervised_spans_are_the_answers(kind_dir):
 def test_labels_equal_transformers_assistant_masks(tmp_path):
     """transformers marks {% generation %} spans itself: our labels on the unmarked template must agree."""
     write_tokenizer(str(tmp_path), "llama3")
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load_tokenizer(str(tmp_path))
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
-    ours = [data.render_chat(tok, msgs) for msgs in CONVERSATIONS]
+    ours = [tokenizer.render_chat(tok, msgs) for msgs in CONVERSATIONS]
     for msgs, (ids, labels) in zip(CONVERSATIONS, ours):
         out = hf.apply_chat_template(msgs, chat_template=LLAMA3_GEN, tokenize=True, return_dict=True,
                                      return_assistant_tokens_mask=True)
         assert list(out["input_ids"]) == ids
-        assert [int(x != data.IGNORE) for x in labels] == list(out["assistant_masks"]), msgs
+        assert [int(x != tokenizer.IGNORE) for x in labels] == list(out["assistant_masks"]), msgs
     tok.chat_template = LLAMA3_GEN                     # our Jinja environment knows the tag and renders its body
-    assert [data.render_chat(tok, msgs) for msgs in CONVERSATIONS] == ours
+    assert [tokenizer.render_chat(tok, msgs) for msgs in CONVERSATIONS] == ours
 
 
 @needs_tokenizers
@@ -227,10 +228,10 @@ def test_header_token_merged_into_the_content_is_supervised(tmp_path):
     header's newline and the content's first space. It is supervised (it starts the answer), as in
     transformers' assistant masks; ids are still transformers'."""
     write_tokenizer(str(tmp_path), "chatml")
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load_tokenizer(str(tmp_path))
     nl_space = tok.tk.token_to_id("Ċ") is not None and tok.encode("\n ")
     msgs = [M("user", "Hi"), M("assistant", "  yes")]
-    ids, labels = data.render_chat(tok, msgs)
+    ids, labels = tokenizer.render_chat(tok, msgs)
     assert len(nl_space) == 1, "the tiny vocabulary should have merged '\\n ' into one token"
     (a, b), = runs(labels)
     assert ids[a] == nl_space[0] and tok.text_of(ids[a:b]) == "\n  yes<|im_end|>"
@@ -239,9 +240,9 @@ def test_header_token_merged_into_the_content_is_supervised(tmp_path):
 @needs_tokenizers
 def test_load_tokenizer_choice(tmp_path):
     sp_dir = tmp_path / "sp"
-    sp = data.train_tokenizer(data.corpus_text(data.synthetic_task(50, 0)), str(sp_dir / "tokenizer"), 300)
-    assert isinstance(data.load_tokenizer(str(sp_dir)), data.Tokenizer)            # tokenizer.model alone
-    assert isinstance(data.load_tokenizer(sp.path), data.Tokenizer)
+    sp = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(50, 0)), str(sp_dir / "tokenizer"), 300)
+    assert isinstance(tokenizer.load_tokenizer(str(sp_dir)), tokenizer.Tokenizer)            # tokenizer.model alone
+    assert isinstance(tokenizer.load_tokenizer(sp.path), tokenizer.Tokenizer)
     # + tokenizer.json with Zephyr's template (mistral-7b-sft-beta, zephyr): still the sentencepiece rules
     write_tokenizer(str(sp_dir), "chatml")
     zephyr = ("{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + "
@@ -250,26 +251,26 @@ def test_load_tokenizer_choice(tmp_path):
               "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}")
     cfg_path = sp_dir / "tokenizer_config.json"
     cfg_path.write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": zephyr}))
-    assert isinstance(data.load_tokenizer(str(sp_dir)), data.Tokenizer)
+    assert isinstance(tokenizer.load_tokenizer(str(sp_dir)), tokenizer.Tokenizer)
     # + its own (non-Zephyr) template: tokenizer.json and that template
     cfg_path.write_text(json.dumps(CONFIG["chatml"]))
-    t = data.load_tokenizer(str(sp_dir))
-    assert isinstance(t, data.HFTokenizer) and t.chat_template == CHATML and t.template_name.startswith(str(cfg_path))
-    assert isinstance(data.load_tokenizer(sp.path), data.Tokenizer)                # a file overrides
+    t = tokenizer.load_tokenizer(str(sp_dir))
+    assert isinstance(t, tokenizer.HFTokenizer) and t.chat_template == CHATML and t.template_name.startswith(str(cfg_path))
+    assert isinstance(tokenizer.load_tokenizer(sp.path), tokenizer.Tokenizer)                # a file overrides
     # tokenizer.json without a template: Zephyr, BOS first, as the sentencepiece path renders it
     j = tmp_path / "nt"
     write_tokenizer(str(j), "chatml")
     (j / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}))
-    t = data.load_tokenizer(str(j / "tokenizer.json"))
+    t = tokenizer.load_tokenizer(str(j / "tokenizer.json"))
     msgs = CONVERSATIONS[1]
     assert t.template_name == "the Zephyr template (fallback)"
-    assert t.render_text(msgs) == "<|im_start|>" + data.chat_text(msgs).replace("</s>", "<|im_end|>")
-    ids, labels = data.render_chat(t, msgs)
+    assert t.render_text(msgs) == "<|im_start|>" + tokenizer.chat_text(msgs).replace("</s>", "<|im_end|>")
+    ids, labels = tokenizer.render_chat(t, msgs)
     assert [t.text_of(ids[a:b]) for a, b in runs(labels)] == ["1 2 3<|im_end|>"]
     with pytest.raises(FileNotFoundError, match="no tokenizer.json or tokenizer.model"):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))
     with pytest.raises(FileNotFoundError, match="no such tokenizer file"):
-        data.load_tokenizer(str(tmp_path / "missing.json"))
+        tokenizer.load_tokenizer(str(tmp_path / "missing.json"))
 
 
 @pytest.mark.parametrize("template, match", [
@@ -292,7 +293,7 @@ def test_template_errors_name_the_template(tmp_path, template, match):
     cfg.write_text(json.dumps({**CONFIG["chatml"], "chat_template": template}))
     msgs = [M("system", "S"), M("user", "hi"), M("assistant", "yes"), M("user", "and?"), M("assistant", "no")]
     with pytest.raises(ValueError, match=match) as e:
-        data.render_chat(data.load_tokenizer(str(tmp_path)), msgs[1:] if "'yes'" in template else msgs)
+        tokenizer.render_chat(tokenizer.load_tokenizer(str(tmp_path)), msgs[1:] if "'yes'" in template else msgs)
     assert str(cfg) in str(e.value)
 
 
@@ -304,7 +305,7 @@ def test_template_environment_matches_transformers(tmp_path):
                 "{% set ns.n = ns.n + 1 %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
                 "{{ {'k': 'é<&>'} | tojson }}{{ strftime_now('%Y') }}{{ ns.n }}")
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**CONFIG["chatml"], "chat_template": template}))
-    tok = data.load_tokenizer(str(tmp_path))
+    tok = tokenizer.load_tokenizer(str(tmp_path))
     hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
     msgs = CONVERSATIONS[1]
     assert tok.render_text(msgs) == hf.apply_chat_template(msgs, tokenize=False)
@@ -337,7 +338,7 @@ GSM = [{"question": "Tom has 2 apples and buys 3 more. How many apples does he h
 def llama3_ckpt(tmp_path_factory):
     """A tiny random Llama-3.1-style checkpoint (llama3 RoPE scaling) with the Llama-3-style tokenizer."""
     d = tmp_path_factory.mktemp("l3ckpt")
-    tok = data.HFTokenizer(write_tokenizer(str(d / "tok"), "llama3"))
+    tok = tokenizer.HFTokenizer(write_tokenizer(str(d / "tok"), "llama3"))
     args = ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=48, vocab_size=tok.vocab_size,
                      sliding_window=None, max_position_embeddings=2048, model_type="llama", rope_theta=500000.0,
                      rope_scaling=dict(LLAMA3_ROPE), bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
@@ -364,13 +365,13 @@ def test_train_on_tokenizer_json_checkpoint_and_output_loads_in_transformers(lla
         assert abs(recs[0]["loss"] - 0.6931471805599453) < 1e-5     # policy == reference at step 0
     ck = summary["checkpoint"]
     assert {"tokenizer.json", "tokenizer_config.json", "config.json", "model.safetensors"} <= set(os.listdir(ck))
-    ours_tok = data.load_tokenizer(ck)
+    ours_tok = tokenizer.load_tokenizer(ck)
     hf_tok = transformers.AutoTokenizer.from_pretrained(ck)
     msgs = CONVERSATIONS[2]
-    assert ours_tok.chat_template == LLAMA3 and data.render_chat(ours_tok, msgs)[0] == hf_ids(hf_tok, msgs)
+    assert ours_tok.chat_template == LLAMA3 and tokenizer.render_chat(ours_tok, msgs)[0] == hf_ids(hf_tok, msgs)
     ours = hf_io.load_model(ck).eval()
     hf = transformers.AutoModelForCausalLM.from_pretrained(ck, attn_implementation="sdpa").eval()
-    x = torch.tensor([data.render_chat(ours_tok, msgs)[0]])
+    x = torch.tensor([tokenizer.render_chat(ours_tok, msgs)[0]])
     with torch.no_grad():
         assert (ours(x) - hf(x).logits).abs().max().item() <= 1e-5
     init = hf_io.load_model(str(d / "model"))
@@ -380,11 +381,11 @@ def test_train_on_tokenizer_json_checkpoint_and_output_loads_in_transformers(lla
 @needs_tokenizers
 def test_eval_gen_on_tokenizer_json_checkpoint(llama3_ckpt, tmp_path):
     import eval_gen as E
-    d, ck = llama3_ckpt, str(llama3_ckpt / "full")
+    ck = str(llama3_ckpt / "full")
     arc, gsm = tmp_path / "arc.jsonl", tmp_path / "gsm.jsonl"
     arc.write_text("".join(json.dumps(r) + "\n" for r in ARC))
     gsm.write_text("".join(json.dumps(r) + "\n" for r in GSM))
-    tok = data.load_tokenizer(ck)
+    tok = tokenizer.load_tokenizer(ck)
     hf_tok = transformers.AutoTokenizer.from_pretrained(ck)
     q = E.load_task("arc_gen", str(arc))[0]
     msgs = [M("user", E.arc_user_message(q)), M("assistant", E.ARC_PREFILL)]
@@ -396,7 +397,7 @@ def test_eval_gen_on_tokenizer_json_checkpoint(llama3_ckpt, tmp_path):
     # plain text: BOS as the tokenizer adds it (Llama-3 yes; ChatML-style no)
     ctx, cont = E.encode_pair(tok, "Question: a\nAnswer:", " red")
     assert ctx + cont == hf_tok("Question: a\nAnswer: red")["input_ids"] and ctx[0] == tok.bos_id
-    chatml = data.load_tokenizer(write_tokenizer(str(tmp_path / "chatml"), "chatml"))
+    chatml = tokenizer.load_tokenizer(write_tokenizer(str(tmp_path / "chatml"), "chatml"))
     assert E.encode_pair(chatml, "Question: a\nAnswer:", " red")[0][0] != chatml.bos_id
     out = tmp_path / "out"
     for task, extra in (("arc_gen", []), ("arc_ll", ["--fewshot_data", str(arc), "--num_fewshot", "1"]),
@@ -421,4 +422,4 @@ def test_tokenizer_json_without_tokenizers_says_how_to_install(tmp_path, monkeyp
     monkeypatch.setattr(builtins, "__import__", no_tokenizers)
     (tmp_path / "tokenizer.json").write_text("{}")
     with pytest.raises(ImportError, match="pip install tokenizers"):
-        data.load_tokenizer(str(tmp_path))
+        tokenizer.load_tokenizer(str(tmp_path))

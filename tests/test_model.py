@@ -1,6 +1,5 @@
 """model.py against transformers (the oracle), on tiny random checkpoints built here."""
 import json
-import math
 import os
 
 import pytest

@@ -10,6 +10,7 @@ from generate import generate
 import hf_io
 from test_train import TINY
 import checkpoint
+import tokenizer
 
 
 def sevens(prompt, response):
@@ -20,20 +21,20 @@ def sevens(prompt, response):
 @pytest.fixture(scope="module")
 def tok_path(tmp_path_factory):
     d = tmp_path_factory.mktemp("tok")
-    data.train_tokenizer(data.corpus_text(data.synthetic_task(300, 0)), str(d / "tok"), 320)
+    tokenizer.train_tokenizer(data.corpus_text(data.synthetic_task(300, 0)), str(d / "tok"), 320)
     return str(d / "tok.model")
 
 
 def mean_reward(ckpt, tok, n=32):
     m = hf_io.load_model(ckpt).eval()
-    prompts = [data.render_chat(tok, r["messages"][:1], add_generation_prompt=True)[0]
+    prompts = [tokenizer.render_chat(tok, r["messages"][:1], add_generation_prompt=True)[0]
                for r in data.synthetic_task(n, 99)]
     outs = generate(m, prompts * 4, 8, temperature=1.0, seed=0, stop_ids=[tok.eos_id])
     return sum(sevens("", tok.decode(o)) for o in outs) / len(outs)
 
 
 def test_onpolicy_dpo_beats_offline_dpo_on_a_rare_reward(tmp_path, tok_path):
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     gaps = []
     for seed in (0, 1):
         r = {}
@@ -48,7 +49,7 @@ def test_onpolicy_dpo_beats_offline_dpo_on_a_rare_reward(tmp_path, tok_path):
 
 
 def test_samples_come_from_the_current_weights(tok_path):
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     cfg = train.parse_config(["--loss=sft", "--onpolicy_every=1", "--n_samples=3", "--max_new_tokens=5"])
     ex, _ = data.load_sft(data.synthetic_task(4, 0), tok)
     m = train.build_model(train.parse_config(TINY), tok, torch.device("cpu"))
@@ -90,7 +91,7 @@ def test_pairs_respect_threshold_and_best_of_n_is_the_argmax(tok_path):
     assert onpolicy.make_pairs(s, [0.1, 0.2, 0.15, 0.25], "best_worst", 0.2) == []
     allp = onpolicy.make_pairs(s, [0.0, 1.0, 0.5, 0.45], "all", 0.2)
     assert sorted(allp) == sorted([([2], [1]), ([2], [3]), ([2], [4]), ([3], [1]), ([4], [1])])
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     cfg = train.parse_config(["--loss=ift", "--onpolicy_every=1"])
     ex, _ = data.load_sft(data.synthetic_task(2, 0), tok)
     sampler = onpolicy.Sampler(cfg, tok, ex, 0, 1)

@@ -232,10 +232,10 @@ def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
 
 
 def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_token(tmp_path, tok_path, monkeypatch):
-    import data
+    import data, tokenizer
     import tokcache
     import train
-    tok, cache = data.Tokenizer(tok_path), str(tmp_path / "cache")
+    tok, cache = tokenizer.Tokenizer(tok_path), str(tmp_path / "cache")
     for kind, rows, load, kw in (
             ("sft", data.synthetic_task(40, 0), data.load_sft, dict(max_length=40, empty_system=True)),
             ("pairs", data.synthetic_pairs(40, 1), data.load_pairs, dict(max_length=40, max_prompt_length=20))):

@@ -1,7 +1,6 @@
 """Reproducing the paper from the files users have: --data sources (shard directories, globs,
 mixtures with row caps), the authors' data conventions, the recipes in configs/, and user errors
 that come out as one line naming the file. Fixtures are tiny and built once per module."""
-import glob
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from hf_io import CheckpointError
 import hf_io
 from model import ModelArgs, Transformer
 import refcache
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U, A, S = "user", "assistant", "system"
@@ -36,7 +36,7 @@ def write_jsonl(path, rows):
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
     rows = data.synthetic_task(200, 0) + data.synthetic_pairs(50, 1)
-    return data.train_tokenizer(data.corpus_text(rows), str(tmp_path_factory.mktemp("tok") / "tok"), 320)
+    return tokenizer.train_tokenizer(data.corpus_text(rows), str(tmp_path_factory.mktemp("tok") / "tok"), 320)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def test_empty_system_and_dedup_by_prompt(tok):
     rows = [q("Add 1 and 2.", "3"), q("Add 2 and 2.", "4", "You are a careful calculator."), q("Add 1 and 2.", "1 + 2 = 3")]
     plain = data.load_sft(rows, tok)[0]
     with_sys, st = data.load_sft(rows, tok, empty_system=True)
-    assert with_sys[0]["input_ids"] == data.render_chat(tok, [msg(S, "")] + rows[0]["messages"])[0] != plain[0]["input_ids"]
+    assert with_sys[0]["input_ids"] == tokenizer.render_chat(tok, [msg(S, "")] + rows[0]["messages"])[0] != plain[0]["input_ids"]
     assert with_sys[1] == plain[1]                                                # already has one: unchanged
     dd, st = data.load_sft(rows, tok, dedup_prompts=True)
     assert dd == [plain[2], plain[1]] and st["duplicates"] == 1 and st["rows"] == 3   # last wins, first's place

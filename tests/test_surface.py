@@ -11,13 +11,13 @@ import sys
 
 import pytest
 
-import data
 import train
 from test_train import ROOT, TINY
 import checkpoint
 from generate import generate
 import hf_io
 from model import ModelArgs, Transformer
+import tokenizer
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
@@ -77,7 +77,7 @@ def test_bad_settings_fail_before_any_reference_log_prob(tmp_path, tok_path):
                                       vocab_size=100)).init_weights(seed=0), str(ck))
     p = script("train.py", TINY + [f"--tokenizer={tok_path}", "--loss=dpo", f"--init_from={ck}",
                                    f"--out_dir={tmp_path / 'dpo'}"])
-    n = data.Tokenizer(tok_path).vocab_size
+    n = tokenizer.Tokenizer(tok_path).vocab_size
     assert p.returncode != 0 and f"{n} pieces" in p.stderr and "vocab_size 100" in p.stderr
     assert "Traceback" not in p.stderr and not glob.glob(str(tmp_path / "dpo" / "ref_logps-*"))
 
@@ -111,9 +111,9 @@ def test_sample_and_eval_only_reproduce_the_run(tmp_path):
     assert not glob.glob(str(out / "ckpt-*"))[1:]            # wrote no checkpoint
     p = script("sample.py", ["--model", str(out), "--prompt", "Add 12 and 30.", "--max_new_tokens", "16"])
     assert p.returncode == 0, p.stderr
-    tok = data.Tokenizer(os.path.join(s["checkpoint"], "tokenizer.model"))
+    tok = tokenizer.Tokenizer(os.path.join(s["checkpoint"], "tokenizer.model"))
     m = hf_io.load_model(s["checkpoint"]).eval()
-    prompt = data.render_chat(tok, [{"role": "user", "content": "Add 12 and 30."}], add_generation_prompt=True)[0]
+    prompt = tokenizer.render_chat(tok, [{"role": "user", "content": "Add 12 and 30."}], add_generation_prompt=True)[0]
     want = tok.decode(generate(m, [prompt], 16, stop_ids=[tok.eos_id])[0])
     assert p.stdout.endswith(f"--- 'Add 12 and 30.'\n{want}\n")      # the checkpoint's own greedy answer
     p = script("sample.py", ["--model", str(tmp_path / "nope")])

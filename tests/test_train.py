@@ -20,6 +20,7 @@ import checkpoint
 import hf_io
 from model import ModelArgs, Transformer
 import refcache
+import tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--n_train=64",
@@ -115,7 +116,7 @@ def test_precomputed_reference_equals_online_and_cache_is_keyed(tmp_path, tok_pa
     assert max_diff(weights(tmp_path / "pre"), weights(tmp_path / "onl")) < 1e-4  # Adam-amplified rounding
     # the fingerprint moves with the data and with the model
     cfg = train.parse_config(common)
-    tok = data.Tokenizer(tok_path)
+    tok = tokenizer.Tokenizer(tok_path)
     ex, _ = data.load_pairs(data.synthetic_pairs(8, 0), tok, 1024, 512)
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
                                           vocab_size=320)).init_weights(seed=0)
