@@ -271,3 +271,50 @@ def test_reused_round_ratio_is_one_then_clips(tmp_path, tok_path, loss, precisio
     assert [r["ratio_dev"] for r in recs[0::2]] == [0.0, 0.0], recs
     assert all(r["ratio_dev"] > 0 for r in recs[1::2]) and max(r["clip_frac"] for r in recs[1::2]) > 0, recs
     assert recs[0]["kl"] == 0.0                           # the policy is the reference at step 0
+
+
+# ----------------------------------------------------------------------------- distributed, resume
+PG_SAMPLED = ["--max_steps=2", "--onpolicy_every=2", "--n_samples=2", "--max_new_tokens=5", "--sample_batch_size=3",
+              "--n_eval=12", "--reward=length", "--kl_coef=0.05", "--clip_low=0.05", "--clip_high=0.05"]
+
+
+@pytest.mark.parametrize("parallel,loss", [("fsdp", "grpo"), ("ddp", "ppo"), ("fsdp", "ppo"), ("ddp", "grpo")])
+def test_two_process_pg_run_equals_single_process(tmp_path, tok_path, parallel, loss):
+    """One sampling round reused for 2 steps (the second one clipped), KL to a live reference: 2 ranks with
+    half the micro-batch each == 1 process (advantages and PPO's running statistics are global)."""
+    from test_distributed import GUARD, metrics, single, torchrun
+    from test_train import max_diff, weights
+    common = TINY + PG_SAMPLED + [f"--tokenizer={tok_path}", f"--loss={loss}"]
+    single(common + [f"--out_dir={tmp_path / 'one'}", "--micro_batch_size=8"])
+    torchrun([GUARD] + common + [f"--out_dir={tmp_path / 'two'}", "--micro_batch_size=4", f"--parallel={parallel}"])
+    r1, r2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert r1[0]["ratio_dev"] == r2[0]["ratio_dev"] == 0.0 and r1[1]["clip_frac"] > 0
+    for x, y in zip(r1, r2):
+        for k in ("loss", "reward_mean", "kl", "clip_frac", "eval/loss"):
+            if k in x:
+                assert abs(x[k] - y[k]) < 1e-6, (k, x[k], y[k])
+    assert max_diff(weights(tmp_path / "one"), weights(tmp_path / "two")) < 1e-5
+
+
+@pytest.mark.parametrize("loss", ["ppo", "grpo"])
+def test_resume_inside_a_pg_round_is_bit_identical(tmp_path, tok_path, loss):
+    """The checkpoint at step 3 lies inside the round drawn at step 2: the resumed run must reuse its samples,
+    advantages and recorded old log-probs (and PPO's running reward statistics), not recompute them."""
+    import shutil
+    from test_distributed import metrics
+    from test_train import weights
+    common = TINY + [f"--tokenizer={tok_path}", f"--loss={loss}", "--onpolicy_every=2", "--n_samples=3",
+                     "--max_new_tokens=5", "--reward=length", "--micro_batch_size=4", "--max_steps=6", "--save_every=3",
+                     "--clip_low=0.05", "--clip_high=0.05"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    train.main(common + [f"--out_dir={full}"])
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "ckpt-000006")
+    with open(cut / "metrics.jsonl") as f:
+        kept = [l for l in f if json.loads(l)["step"] <= 3]
+    open(cut / "metrics.jsonl", "w").writelines(kept)
+    train.main(common + [f"--out_dir={cut}", "--resume=true"])
+    a, b = weights(full), weights(cut)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    ra, rb = metrics(full), metrics(cut)
+    assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and ra[3]["ratio_dev"] > 0   # step 4: reused round
