@@ -291,7 +291,7 @@ def kto_loss(policy_logps, ref_logps, desirable, kl_policy_logps, kl_ref_logps, 
     return losses.mean(), {"kl": z, "rewards/chosen": (rd * d).sum() / d.sum().clamp(min=1),
                            "rewards/rejected": (rd * u).sum() / u.sum().clamp(min=1)}
 
-# ----------------------------------------------------------------------------- clipped policy gradient (METHOD §3.4)
+# ----------------------------------------------------------------------------- clipped policy gradient (METHOD §3.5)
 # PPO without a value head and GRPO: per-token log-probs [B, T-1] of the policy being trained (lp), of the
 # policy that drew the samples (old_lp, recorded at sampling, no grad) and of the reference (ref_lp); one
 # advantage per sample, broadcast over its response tokens (mask m).

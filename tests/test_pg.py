@@ -26,7 +26,7 @@ def rand_inputs(B=5, T=7, seed=0, spread=0.3):
 
 # ----------------------------------------------------------------------------- independent transcription
 def by_hand(lp, old, ref, m, adv, eps_lo, eps_hi, beta, kl, average, max_len):
-    """The formulas of docs/METHOD.md §3.4, token by token in Python."""
+    """The formulas of docs/METHOD.md §3.5, token by token in Python."""
     B, T = lp.shape
     seq_losses, total, count = [], 0.0, 0
     for b in range(B):
