@@ -10,7 +10,7 @@ import data
 import ift
 import onpolicy
 import train
-from test_train import TINY
+from test_train import ROOT, TINY
 
 
 def rand_inputs(B=5, T=7, seed=0, spread=0.3):
@@ -318,3 +318,18 @@ def test_resume_inside_a_pg_round_is_bit_identical(tmp_path, tok_path, loss):
     assert all(torch.equal(a[k], b[k]) for k in a)
     ra, rb = metrics(full), metrics(cut)
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and ra[3]["ratio_dev"] > 0   # step 4: reused round
+
+
+# ----------------------------------------------------------------------------- recipes and the demo study
+def test_gsm8k_recipes_parse_as_grpo_on_gsm8k():
+    for name, world in (("gsm8k_grpo_llama1b", 1), ("gsm8k_grpo_mistral7b", 8)):
+        cfg = train.parse_config([f"--config={ROOT}/configs/{name}.json"])
+        assert (cfg.loss, cfg.reward, cfg.onpolicy_every, cfg.n_samples) == ("grpo", "gsm8k", 1, 8), name
+        assert cfg.micro_batch_size * cfg.grad_accum * world * cfg.n_samples == 128, name   # rows per step
+
+
+def test_rl_study_quick_runs(tmp_path):
+    import rl_study
+    rep = rl_study.main(["--quick", f"--out_dir={tmp_path}"])
+    assert len(rep["results"]) == 2 and set(rep["results"][0]) == {"SFT start", "GRPO", "REINFORCE"}
+    assert set(rep["comparisons"]) == {"GRPO - SFT start", "GRPO - REINFORCE"}
