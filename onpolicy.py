@@ -162,7 +162,7 @@ class Sampler:
         self.baseline = None       # REINFORCE running mean
         self.stats = {}
         self.advantages = {}       # PPO/GRPO: example index -> one advantage per sample
-        self.old_logps = {}        # PPO/GRPO: example index -> per-sample fp32 log-probs of its response tokens
+        self.old_logps = {}        # PPO/GRPO: example index -> per-sample log-probs of its response tokens
         self.running = [0.0, 0.0, 0.0]   # PPO: count, sum, sum of squares of every reward sampled so far
 
     def due(self, step) -> bool:
@@ -229,7 +229,8 @@ class Sampler:
             n, s1, s2 = self.running
             mean = s1 / n
             std = max(s2 / n - mean * mean, 0.0) ** 0.5
-            self.advantages = {i: ift.running_advantages(rs, mean, std).tolist() for i, (_, rs) in self.samples.items()}
+            self.advantages = {i: ift.running_advantages(rs, mean, std).tolist()
+                               for i, (_, rs) in self.samples.items()}
             return
         n = tot[2]
         batch_std = max((tot[1] - tot[0] ** 2 / n) / (n - 1), 0.0) ** 0.5 if n > 1 else 0.0

@@ -96,7 +96,7 @@ class Config:
     temperature: float = 1.0        # sampling temperature
     top_p: float = 1.0              # nucleus sampling mass
     max_new_tokens: int = 32        # tokens per sample at most
-    reward: str = "demo"            # demo | length | gsm8k | arc (gold: the data row) | module:fn(prompt, response[, row])
+    reward: str = "demo"            # demo | length | gsm8k | arc | module:fn(prompt, response[, data row])
     pairs: str = "best_worst"       # DPO-style pairs from the samples: best_worst | all
     pair_threshold: float = 0.2     # pairs closer in reward than this are skipped
     replay_ratio: float = 0.0       # best-of-N: fraction of rows that keep the dataset's answer
@@ -105,9 +105,9 @@ class Config:
     clip_low: float = 0.2           # PPO/GRPO: the ratio is clipped to [1 - clip_low, 1 + clip_high]
     clip_high: float = 0.2          # PPO/GRPO: upper clip (larger = DAPO's "clip-higher")
     kl_coef: float = 0.0            # PPO/GRPO: weight of the per-token KL to the reference (0 = no reference)
-    kl_estimator: str = "k3"        # PPO/GRPO: k3 (GRPO, TRL) | logratio (log pi - log pi_ref, the paper's PPO)
-    scale_rewards: str = "group"    # GRPO: advantage / std of the prompt's group | the round's (batch) | none (Dr. GRPO)
-    pg_average: str = "sequence"    # PPO/GRPO tokens: sequence (mean of per-sample means) | token | constant (/ max_new_tokens)
+    kl_estimator: str = "k3"        # PPO/GRPO: k3 (GRPO, TRL) | logratio (log pi - log pi_ref: paper's PPO)
+    scale_rewards: str = "group"    # GRPO: advantage / std of the prompt's group | round's (batch) | none (Dr. GRPO)
+    pg_average: str = "sequence"    # PPO/GRPO: sequence (mean of sample means) | token | constant (/ max_new_tokens)
     # optimisation
     optimizer: str = "adamw"        # adamw | rmsprop
     lr: float = 1e-3                # peak learning rate
@@ -168,6 +168,8 @@ def parse_config(argv) -> Config:
             sys.exit(f"error: --{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
     if cfg.loss in ("rwr", "reinforce") + onpolicy.PG_LOSSES and cfg.onpolicy_every == 0:
         sys.exit(f"error: --loss={cfg.loss} needs samples: set --onpolicy_every=K")
+    if cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0 and cfg.reference_free:
+        sys.exit(f"error: --kl_coef={cfg.kl_coef} needs a reference model: drop --reference_free (or set --kl_coef=0)")
     if cfg.loss == "kto" and cfg.micro_batch_size < 2:
         sys.exit(f"error: --loss=kto needs --micro_batch_size >= 2 (its KL estimate pairs the rows of a "
                  f"micro-batch), got {cfg.micro_batch_size}")
