@@ -101,7 +101,8 @@ def main(argv=None):
         print(f"  {a:<10} " + " ".join(f"{x:.3f}" for x in xs) + f"   mean {sum(xs) / len(xs):.3f}")
     comps = {f"GRPO - {b}": compare(results, "GRPO", b) for b in ("SFT start", "REINFORCE")}
     for k, c in comps.items():
-        print(f"  {k}: {c['diff']:+.3f} (95% CI {c['ci95'][0]:+.3f} .. {c['ci95'][1]:+.3f}), paired t p={c['p_t']:.3g}, "
+        lo, hi = c["ci95"]
+        print(f"  {k}: {c['diff']:+.3f} (95% CI {lo:+.3f} .. {hi:+.3f}), paired t p={c['p_t']:.3g}, "
               f"Wilcoxon p={c['p_wilcoxon']}, better on {c['wins']}/{len(results)} seeds")
     wall = time.time() - t0
     print(f"({wall:.0f} s)")

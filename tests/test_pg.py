@@ -244,8 +244,8 @@ def test_gsm8k_reward_runs_end_to_end_on_a_gsm8k_file(tmp_path, tok_path, monkey
         return onpolicy.gsm8k_reward(prompt, response, row)
     monkeypatch.setitem(onpolicy.REWARDS, "gsm8k", spy)
     path = gsm8k_file(tmp_path)
-    s = train.main(TINY + [f"--data={path}", f"--tokenizer={tok_path}", "--loss=grpo", "--reward=gsm8k", "--max_steps=2",
-                           "--micro_batch_size=2", "--onpolicy_every=2", "--n_samples=2", "--max_new_tokens=6",
+    s = train.main(TINY + [f"--data={path}", f"--tokenizer={tok_path}", "--loss=grpo", "--reward=gsm8k",
+                           "--max_steps=2", "--micro_batch_size=2", "--onpolicy_every=2", "--n_samples=2", "--max_new_tokens=6",
                            f"--out_dir={tmp_path / 'run'}"])
     assert s["checkpoint"] and math.isfinite(s["final_train_loss"])
     assert len(seen) == 2 * 2 * 2                        # 2 steps x 2 prompts x 2 samples
