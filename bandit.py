@@ -20,9 +20,9 @@ Tabular bandit (default, seconds):
 Sequence bandit (--seq, minutes; --seq --quick for tests): a tiny model.py transformer, 1-token prompt,
 L generated tokens, reward = mean bump over them. It is first fitted to the unigram pi_ref, then a frozen
 copy is the reference. Best-of-N SFT vs best-of-N IFT (where they can differ: IFT conditions on its own
-greedy guesses), DPO, IPO, REINFORCE; offline vs on-policy at equal steps and lr.
+greedy guesses), DPO, IPO, REINFORCE, PPO, GRPO; offline vs on-policy at equal steps and lr.
 
-    python bandit.py                    # E1 + E2 tables (~10 s)
+    python bandit.py                    # E1 + E2 tables (~20 s)
     python bandit.py --seq              # + the sequence bandit (~3 min on 1 core)
     python bandit.py --seq --quick      # the sequence bandit at test size (~10 s)
     python bandit.py --plot             # + bandit.png (needs matplotlib)
