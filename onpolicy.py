@@ -97,7 +97,7 @@ def source_rows(cfg, n_examples):
         rows = (data.synthetic_pairs if pairwise else data.synthetic_task)(cfg.n_train + cfg.n_eval, cfg.seed)
         rows = rows[:cfg.n_train]
     if len(rows) != n_examples or cfg.dedup_prompts:
-        raise ValueError(f"--reward={cfg.reward} reads each example's data row, but {cfg.data or 'the demo'} gave "
+        raise data.DataError(f"--reward={cfg.reward} reads each example's data row, but {cfg.data or 'the demo'} gave "
                          f"{len(rows)} rows for {n_examples} examples (rows dropped by --max_length, or "
                          f"--dedup_prompts): raise --max_length or drop --dedup_prompts")
     return rows

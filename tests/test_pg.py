@@ -255,6 +255,21 @@ def test_gsm8k_reward_runs_end_to_end_on_a_gsm8k_file(tmp_path, tok_path, monkey
     assert all("reward_mean" in r and r["ratio_dev"] == 0.0 for r in recs[:1])
 
 
+def test_arc_reward_runs_on_an_arc_file(tmp_path, tok_path, monkeypatch):
+    seen = []
+
+    def spy(prompt, response, row):
+        seen.append(row["answerKey"])
+        return onpolicy.arc_reward(prompt, response, row)
+    monkeypatch.setitem(onpolicy.REWARDS, "arc", spy)
+    path = tmp_path / "arc.jsonl"
+    path.write_text("".join(json.dumps({**ARC_ROW, "id": f"q{i}", "answerKey": "ABC"[i % 3]}) + "\n" for i in range(8)))
+    train.main(TINY + [f"--data={path}", f"--tokenizer={tok_path}", "--loss=ppo", "--reward=arc", "--max_steps=1",
+                       "--micro_batch_size=2", "--onpolicy_every=1", "--n_samples=2", "--max_new_tokens=4",
+                       f"--out_dir={tmp_path / 'run'}"])
+    assert len(seen) == 4 and set(seen) <= {"A", "B", "C"}
+
+
 # ----------------------------------------------------------------------------- inside the training loop
 REUSED = ["--max_steps=4", "--micro_batch_size=4", "--onpolicy_every=2", "--n_samples=4", "--max_new_tokens=6",
           "--reward=length", "--lr=1e-2", "--clip_low=0.05", "--clip_high=0.05"]
