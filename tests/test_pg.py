@@ -348,3 +348,13 @@ def test_rl_study_quick_runs(tmp_path):
     rep = rl_study.main(["--quick", f"--out_dir={tmp_path}"])
     assert len(rep["results"]) == 2 and set(rep["results"][0]) == {"SFT start", "GRPO", "REINFORCE"}
     assert set(rep["comparisons"]) == {"GRPO - SFT start", "GRPO - REINFORCE"}
+
+
+def test_fsdp_bf16_ratio_is_one_at_the_first_step(tmp_path, tok_path):
+    """The GPU path: FSDP2 with bf16 parameters (MixedPrecisionPolicy), 2 ranks; the recorded log-probs come
+    from the same sharded forward in the same micro-batches, so the first step of each round has ratio 1."""
+    from test_distributed import GUARD, metrics, torchrun
+    torchrun([GUARD] + TINY + REUSED + [f"--tokenizer={tok_path}", "--loss=grpo", "--precision=bf16",
+                                        "--parallel=fsdp", f"--out_dir={tmp_path}", "--micro_batch_size=2"])
+    recs = metrics(tmp_path)
+    assert [r["ratio_dev"] for r in recs[0::2]] == [0.0, 0.0] and all(r["ratio_dev"] > 0 for r in recs[1::2]), recs
