@@ -318,7 +318,9 @@ def model_args(cfg, tok):
 def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
     """Print the per-GPU memory plan (memplan.py); on a GPU a run that cannot fit stops here, before the load."""
     a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
-    kw = dict(micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
+    per_sample = cfg.onpolicy_every and cfg.loss in ("rwr", "reinforce") + onpolicy.PG_LOSSES   # a row per sample
+    rows = cfg.micro_batch_size * (cfg.n_samples if per_sample else 1)
+    kw = dict(micro_batch_size=rows, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
               grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss)
     p = memplan.plan(a, world, par, **kw)
     if rank == 0:
