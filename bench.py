@@ -148,7 +148,7 @@ def bench_ift(threads=2):
                              capture_output=True, text=True, check=True).stdout
         mem[k] = json.loads(out.strip().splitlines()[-1])["peak_kb"]
     print(f"IFT/SFT step B=4 T=256 (192 answer tokens): time {t_ift * 1e3:.0f}/{t_sft * 1e3:.0f} ms = "
-          f"{t_ift / t_sft:.2f}x (goal <= 1.30), peak memory growth {mem['ift'] / 1024:.0f}/{mem['sft'] / 1024:.0f} MiB"
+          f"{t_ift / t_sft:.2f}x (goal <= 1.33, the FLOP floor: pass 1 is a no-grad forward), peak memory growth {mem['ift'] / 1024:.0f}/{mem['sft'] / 1024:.0f} MiB"
           f" = {mem['ift'] / mem['sft']:.2f}x (goal <= 1.05)")
 
 

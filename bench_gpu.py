@@ -25,7 +25,8 @@ Sections, in this order (each timed; a failure is recorded with its error and th
             (compile + warm-up) apart from the steady batches, and the steady time of all 1,172 prompts
 
 The time plan (--budget_s, default 400 s: with Python and CUDA start-up and the final tables, <= 7 minutes).
-Each section has a share of the budget (PLAN; seconds of the default in brackets); a section may use what
+Each section has a share of the budget (PLAN; seconds of the default in brackets; the per-step times below
+are estimates, not yet measured on a GPU); a section may use what
 earlier sections left over, but not what the later ones are planned to need: it ends by the budget minus
 the later sections' shares. Every section checks its own end before it starts and before each long step
 (a configuration, a torchrun run, a compile, a batch); what would not fit is recorded 'skipped' with the
@@ -368,21 +369,24 @@ def make_optimizer(cfg, params, device, fsdp):
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def optimizer_impl(opt, device):
+    """fused | foreach | per-tensor: the step implementation torch will run (foreach unset: its default,
+    multi-tensor on CUDA)."""
+    d = opt.defaults
+    if d.get("fused"):
+        return "fused"
+    return "foreach" if (device.type == "cuda" if d.get("foreach") is None else d["foreach"]) else "per-tensor"
+
+
 def step_temp_bytes(opt, device):
-    """Bytes per parameter the optimizer step allocates beyond its state: the multi-tensor (foreach)
-    implementation, torch's default on CUDA, makes parameter-sized fp32 temporaries (~4 bytes per
-    parameter, measured); the fused and the per-tensor ones at most one tensor's worth (ignored here)."""
-    if opt.defaults.get("fused"):
-        return 0
-    foreach = opt.defaults.get("foreach")
-    return 4 if (device.type == "cuda" if foreach is None else foreach) else 0
+    """Bytes per parameter the optimizer step allocates beyond its state: the multi-tensor (foreach) one
+    makes parameter-sized fp32 temporaries (~4 bytes per parameter, measured on CPU with foreach forced);
+    the fused and the per-tensor ones at most one tensor's worth (ignored here)."""
+    return 4 if optimizer_impl(opt, device) == "foreach" else 0
 
 
 def optimizer_name(opt, device):
-    d = opt.defaults
-    impl = "fused" if d.get("fused") else "foreach" if (device.type == "cuda" if d.get("foreach") is None
-                                                        else d.get("foreach")) else "per-tensor"
-    return f"{type(opt).__name__} ({impl}), weight_decay {d.get('weight_decay')}"
+    return f"{type(opt).__name__} ({optimizer_impl(opt, device)}), weight_decay {opt.defaults.get('weight_decay')}"
 
 
 def train_memory(a: ModelArgs, rows, T, ckpt, per_param=14):
@@ -608,16 +612,19 @@ def _worker_tail(err, n=2500):
     return err[-n:]
 
 
-def _run_group(cmd, env, timeout):
-    """subprocess.run in a session of its own, so a timeout kills torchrun's workers too, not only torchrun
-    (an orphaned worker would hold the GPU into the next section)."""
-    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                         start_new_session=True)
+def _run_torchrun(cmd, env, timeout):
+    """subprocess.run, but a timeout sends torchrun SIGTERM first: it then stops its workers (each in a
+    session of its own), where a plain kill would orphan them, holding the GPU into the next section."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, 9)
-        out, err = p.communicate()
+        p.terminate()
+        try:
+            out, err = p.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, err = p.communicate()
         raise subprocess.TimeoutExpired(cmd, timeout, output=out, stderr=err)
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
@@ -632,7 +639,7 @@ def _torchrun_one(r, par, loss, onp, tok, work, timeout, cut_by_budget):
     rec = {"parallel": par, "loss": loss, "onpolicy": onp, "command": "torchrun " + " ".join(cmd[3:])}
     t = time.perf_counter()
     try:
-        p = _run_group(cmd, env, timeout)
+        p = _run_torchrun(cmd, env, timeout)
         rec["seconds"] = time.perf_counter() - t
         summary = next((json.loads(l) for l in reversed(p.stdout.splitlines()) if l.startswith('{"final_train_loss"')),
                        None)
