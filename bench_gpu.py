@@ -472,6 +472,28 @@ def _measure_train(r, model, opt, ctx, grad_clip, obj, rows, T):
             "peak_gib": torch.cuda.max_memory_allocated(dev) / GiB if r.cuda else None}
 
 
+def _measure_halving(r, run, model, opt, ctx, grad_clip, rows, min_rows, T, estimate):
+    """Measure run's configuration at `rows`; out of memory: record it and halve, down to min_rows."""
+    while "status" not in run:
+        run.update(rows=rows, tokens_per_step=rows * T, estimate_gib=estimate(rows) / GiB)
+        oom = None
+        try:
+            run.update(_measure_train(r, model, opt, ctx, grad_clip, run["objective"], rows, T), status="ok")
+        except Exception as e:
+            if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
+                run.update(status="failed", error=f"{type(e).__name__}: {e}")
+            else:
+                oom = f"OutOfMemoryError: {str(e).splitlines()[0]}"
+        # Out of the except block: its traceback (and the step's activations) are gone now.
+        opt.zero_grad(set_to_none=True)
+        release(r)
+        if oom:
+            run.setdefault("oom_at_rows", []).append(rows)
+            if rows <= min_rows:
+                run.update(status="failed", error=f"{oom} (at {rows} rows)")
+            rows //= 2
+
+
 def _one_process_group(dev):
     """FSDP2 needs a process group: one of a single rank (in memory), as torchrun --nproc_per_node=1 gives
     train.py. True when this call made it (and so must destroy it)."""
@@ -528,36 +550,24 @@ def sec_train(r):
                 run.update(status="skipped", reason=f"budget ({r.left():.0f} s left, {need} s needed)")
                 continue
             model.set_activation_checkpointing(ckpt)
-            if fsdp:       # as train.py: wrap, then build the optimizer on the sharded parameters
-                opt = None
-                release(r)
-                made_group = _one_process_group(dev)
-                model = parallel.wrap(model, "fsdp", dev, bf16, True)
-            if opt is None:
-                opt = make_optimizer(cfg, model.parameters() if fsdp else
-                                     [p for p in model.parameters() if p.requires_grad], dev, fsdp)
+            try:
+                if fsdp:       # as train.py: wrap, then build the optimizer on the sharded parameters
+                    opt = None
+                    release(r)
+                    made_group = _one_process_group(dev)
+                    model = parallel.wrap(model, "fsdp", dev, bf16, True)
+                if opt is None:
+                    opt = make_optimizer(cfg, model.parameters() if fsdp else
+                                         [p for p in model.parameters() if p.requires_grad], dev, fsdp)
+            except Exception as e:
+                run.update(status="failed", error=f"setting up: {type(e).__name__}: {e}")
+                out["failures"].append(f"{wrapping} {obj} ckpt={ckpt}: {type(e).__name__} setting up")
+                continue
             ctx = autocast(dev) if bf16 and not fsdp else nullcontext()     # train.py's rule
-            while "status" not in run:
-                run.update(rows=rows, tokens_per_step=rows * T,
-                           estimate_gib=train_memory(a, rows, T, ckpt, per_param) / GiB)
-                oom = None
-                try:
-                    run.update(_measure_train(r, model, opt, ctx, cfg.grad_clip, obj, rows, T), status="ok")
-                except Exception as e:
-                    if not isinstance(e, torch.cuda.OutOfMemoryError) and "out of memory" not in str(e):
-                        run.update(status="failed", error=f"{type(e).__name__}: {e}")
-                        out["failures"].append(f"{wrapping} {obj} ckpt={ckpt}: {type(e).__name__}")
-                    else:
-                        oom = f"OutOfMemoryError: {str(e).splitlines()[0]}"
-                # Out of the except block: its traceback (and the step's activations) are gone now.
-                opt.zero_grad(set_to_none=True)
-                release(r)
-                if oom:                                 # halve the batch, and record that it happened
-                    run.setdefault("oom_at_rows", []).append(rows)
-                    if rows <= cands[-1]:
-                        run.update(status="failed", error=oom)
-                        out["failures"].append(f"{wrapping} {obj} ckpt={ckpt}: out of memory at {rows} rows")
-                    rows //= 2
+            _measure_halving(r, run, model, opt, ctx, cfg.grad_clip, rows, cands[-1], T,
+                             lambda rows: train_memory(a, rows, T, ckpt, per_param))
+            if run["status"] == "failed":
+                out["failures"].append(f"{wrapping} {obj} ckpt={ckpt}: {run['error'].split(':')[0]}")
             if run["status"] == "ok":
                 log(r, f"train {wrapping} {obj} ckpt={ckpt} rows={run['rows']}: {run['step_s'] * 1e3:.0f} ms/step, "
                        f"{run['tok_s']:.0f} tok/s" + (f", MFU {run['mfu_vs_989']:.1%}, peak {run['peak_gib']:.1f} GiB"
@@ -567,21 +577,26 @@ def sec_train(r):
         release(r)
         if made_group:
             dist.destroy_process_group()
-    ok = {(x["objective"], x["grad_checkpointing"]): x for x in out["runs"]
-          if x.get("status") == "ok" and x["parallel"] == "single"}
-    out["ift_over_sft"] = {f"ckpt={c}": {"step": ok[("ift", c)]["step_s"] / ok[("sft", c)]["step_s"],
-                                         "fwd_bwd": ok[("ift", c)]["fwd_bwd_s"] / ok[("sft", c)]["fwd_bwd_s"]}
-                           for c in (False, True) if ("ift", c) in ok and ("sft", c) in ok
-                           and ok[("ift", c)]["rows"] == ok[("sft", c)]["rows"]}
-    best = max((x for x in out["runs"] if x.get("status") == "ok"), key=lambda x: x["tok_s"], default=None)
-    out["headline"] = (f"{name} ({_n(count_params(a))}), seq {T}, {optimizer_name(probe, dev)}: best "
-                       f"{best['parallel']} {best['objective']} ckpt={best['grad_checkpointing']} {best['tok_s']:.0f} tok/s"
-                       + (f", MFU {best['mfu_vs_989']:.1%} of 989 TFLOP/s" if r.cuda else "")
-                       + "; ift/sft step " + ", ".join(f"{k} {v['step']:.2f}x" for k, v in out["ift_over_sft"].items())
-                       ) if best else "no configuration ran"
+    out.update(_train_summary(out["runs"], f"{name} ({_n(count_params(a))}), seq {T}, {optimizer_name(probe, dev)}",
+                              r.cuda))
     skipped = [f"{x['parallel']} {x['objective']} ckpt={x['grad_checkpointing']}" for x in out["runs"]
                if x["status"] == "skipped" and x["reason"].startswith("budget")]
     return _partial(out, skipped)
+
+
+def _train_summary(runs, what, cuda):
+    """ift_over_sft (single process, equal rows) and the headline."""
+    ok = {(x["objective"], x["grad_checkpointing"]): x for x in runs if x.get("status") == "ok" and x["parallel"] == "single"}
+    ratios = {f"ckpt={c}": {"step": ok[("ift", c)]["step_s"] / ok[("sft", c)]["step_s"],
+                            "fwd_bwd": ok[("ift", c)]["fwd_bwd_s"] / ok[("sft", c)]["fwd_bwd_s"]}
+              for c in (False, True) if ("ift", c) in ok and ("sft", c) in ok
+              and ok[("ift", c)]["rows"] == ok[("sft", c)]["rows"]}
+    best = max((x for x in runs if x.get("status") == "ok"), key=lambda x: x["tok_s"], default=None)
+    headline = (f"{what}: best {best['parallel']} {best['objective']} ckpt={best['grad_checkpointing']} "
+                f"{best['tok_s']:.0f} tok/s" + (f", MFU {best['mfu_vs_989']:.1%} of 989 TFLOP/s" if cuda else "")
+                + "; ift/sft step " + ", ".join(f"{k} {v['step']:.2f}x" for k, v in ratios.items())
+                ) if best else "no configuration ran"
+    return {"ift_over_sft": ratios, "headline": headline}
 
 
 # ============================================================================ 4. torchrun

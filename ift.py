@@ -36,10 +36,10 @@ def label_logps(logits, targets, chunk: int = 4096):
 
 def greedy_and_label_logps(logits, targets, elems: int = 1 << 22):
     """No grad: (argmax [N], log softmax(logits)[targets] [N] in fp32) of [N,V] logits, both from one
-    chunk of rows at a time (about `elems` logits, 16 MiB in fp32), so the chunk is read while it is still
-    in cache and neither an fp32 [N,V] log-softmax nor a bf16 -> fp32 copy of all logits is ever whole
-    (on CPU: about 2x faster than a max over [N,V] and then label_logps' 4096-row chunks). Row by row
-    the same values as logits.max(-1).indices and label_logps."""
+    chunk of rows at a time (about `elems` logits, 16 MiB in fp32), so neither an fp32 [N,V] log-softmax
+    nor a bf16 -> fp32 copy of all logits is ever allocated (on CPU, 768 x 32000 logits: 43 ms against
+    81 ms for a max over all rows and then label_logps' 4096-row chunks). Row by row the same values as
+    logits.max(-1).indices and label_logps, bit for bit."""
     rows = max(1, elems // max(logits.shape[-1], 1))
     guess, lp = [], []
     for i in range(0, max(len(targets), 1), rows):
