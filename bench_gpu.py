@@ -13,7 +13,7 @@ Sections, in this order (each timed; a failure is recorded with its error and th
   parity    tiny random model on the device (fp32, bf16) vs CPU fp32: logits, one SFT and one IFT step,
             greedy generate tokens; tolerances stated in the output
   train     largest Llama/Mistral-shaped random model that fits, fp32 master weights, the 7B recipe's
-            optimizer built by train.py (make_optimizer) and train.py's step (clip, step, zero_grad):
+            optimizer built by train.make_optimizer and train.py's step (clip, step, zero_grad):
             sft, ift, dpo (precomputed reference), activation checkpointing on and off, in one process
             with bf16 autocast (train.py without torchrun); then ift under FSDP2 (parallel.wrap, in a
             process group of one: what torchrun --nproc_per_node=1 train.py --parallel=fsdp runs per rank)
@@ -358,17 +358,6 @@ TRAIN_CONFIGS = [("single", o, True) for o in ("sft", "ift", "dpo")] + \
     [("single", o, False) for o in ("sft", "ift", "dpo")] + [("fsdp", "ift", True)]
 
 
-def make_optimizer(cfg, params, device, fsdp):
-    """train.py's optimizer: train.make_optimizer when train.py has one; else what train.py's loop builds
-    (the --optimizer class, in torch's default implementation for the device)."""
-    import train
-    if hasattr(train, "make_optimizer"):
-        kw = {"fsdp": fsdp} if _accepts(train.make_optimizer, "fsdp") else {}
-        return train.make_optimizer(cfg, params, device, **kw)
-    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.RMSprop
-    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
 def optimizer_impl(opt, device):
     """fused | foreach | per-tensor: the step implementation torch will run (foreach unset: its default,
     multi-tensor on CUDA)."""
@@ -512,7 +501,7 @@ def sec_train(r):
     dev, T = r.device, (64 if r.tiny else r.seq_len)
     cfg = train.parse_config([f"--config={RECIPE}"])
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and r.cuda)     # train.py's rule
-    probe = make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1, device=dev))], dev, False)
+    probe = train.make_optimizer(cfg, [torch.nn.Parameter(torch.zeros(1, device=dev))], dev)
     per_param = 4 + 4 + OPT_STATE_BYTES[cfg.optimizer] + 2 + step_temp_bytes(probe, dev)
     free = free_bytes(dev)
     shapes = [TINY_SHAPE] if r.tiny else TRAIN_SHAPES
@@ -525,7 +514,7 @@ def sec_train(r):
            f"{optimizer_name(probe, dev)}")
     model = random_model(a, dev, torch.float32)
     out = {"shape": name, "params": count_params(a), "seq_len": T, "free_gib": free / GiB,
-           "optimizer": optimizer_name(probe, dev) + f", built by {'train.make_optimizer' if hasattr(train, 'make_optimizer') else 'train.py today (bench_gpu.make_optimizer)'}",
+           "optimizer": optimizer_name(probe, dev) + ", built by train.make_optimizer",
            "recipe": os.path.relpath(RECIPE, ROOT), "bytes_per_param": per_param,
            "wrapping": "single: one process, fp32 master weights, bf16 autocast (train.py without torchrun); "
                        "fsdp: parallel.wrap FSDP2 in a process group of one (torchrun --nproc_per_node=1 "
@@ -557,8 +546,8 @@ def sec_train(r):
                     made_group = _one_process_group(dev)
                     model = parallel.wrap(model, "fsdp", dev, bf16, True)
                 if opt is None:
-                    opt = make_optimizer(cfg, model.parameters() if fsdp else
-                                         [p for p in model.parameters() if p.requires_grad], dev, fsdp)
+                    opt = train.make_optimizer(cfg, model.parameters() if fsdp else
+                                               [p for p in model.parameters() if p.requires_grad], dev)
             except Exception as e:
                 run.update(status="failed", error=f"setting up: {type(e).__name__}: {e}")
                 out["failures"].append(f"{wrapping} {obj} ckpt={ckpt}: {type(e).__name__} setting up")
