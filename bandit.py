@@ -7,7 +7,11 @@ Tabular bandit (default, seconds):
   * policy = one logits table initialised to log pi_ref, shared by every prompt. A "prompt" is one draw of
     N = 10 responses: with P prompts a step sees P x N samples, and all pairs inside each prompt.
   * methods: best-of-N (NLL of each prompt's best sample: no negative gradient), DPO and IPO (all pairs
-    within a prompt, winner = higher reward, gap >= threshold), REINFORCE (r - running mean baseline).
+    within a prompt, winner = higher reward, gap >= threshold), REINFORCE (r - running mean baseline),
+    PPO (clipped ratio to the policy that drew the samples, rewards normalised by the running mean and std
+    of all rewards so far, no value head) and GRPO (the same clip, advantages normalised within each
+    prompt's N samples). With a fresh draw every step the ratio is 1 and the clip never binds; offline,
+    the same draw is reused for every step and the clip stops each sample's push at 1 ± clip.
   * offline = the P x N samples drawn once from pi_ref and reused every step; on-policy = a fresh draw
     from the current policy every `every` steps. Same Adam, lr and number of steps for every arm.
   E1: exact E_pi[R] after training, offline vs on-policy, on R_far and R_near.
@@ -16,9 +20,9 @@ Tabular bandit (default, seconds):
 Sequence bandit (--seq, minutes; --seq --quick for tests): a tiny model.py transformer, 1-token prompt,
 L generated tokens, reward = mean bump over them. It is first fitted to the unigram pi_ref, then a frozen
 copy is the reference. Best-of-N SFT vs best-of-N IFT (where they can differ: IFT conditions on its own
-greedy guesses), DPO, IPO, REINFORCE; offline vs on-policy at equal steps and lr.
+greedy guesses), DPO, IPO, REINFORCE, PPO, GRPO; offline vs on-policy at equal steps and lr.
 
-    python bandit.py                    # E1 + E2 tables (~10 s)
+    python bandit.py                    # E1 + E2 tables (~20 s)
     python bandit.py --seq              # + the sequence bandit (~3 min on 1 core)
     python bandit.py --seq --quick      # the sequence bandit at test size (~10 s)
     python bandit.py --plot             # + bandit.png (needs matplotlib)
@@ -48,6 +52,8 @@ class Config:
     beta_dpo: float = 0.05
     ipo_margin: float = 10.0      # IPO target h = 1/(2β)
     threshold: float = 0.2        # skip pairs whose reward gap is smaller
+    clip: float = 0.2             # PPO/GRPO ratio clip (the paper's and TRL's)
+    pg_kl: float = 0.0            # PPO/GRPO KL weight to pi_ref (PPO: log-ratio, GRPO: k3); 0 = none
     every: int = 1                # on-policy: fresh samples every `every` steps
     e2_prompts: str = "1,2,5,10,20,50,100"
     # sequence bandit
@@ -116,7 +122,27 @@ def tab_loss(method, lp, logp_ref, y, r, cfg, state):
         m = r.mean().item()
         state["b"] = m if "b" not in state else 0.9 * state["b"] + 0.1 * m
         return -((r - state["b"]) * lp[y]).mean()
+    if method in ("ppo", "grpo"):   # one-token answers: each sample is one token
+        adv = pg_advantages(method, r, state)
+        x, old, ref = lp[y].reshape(-1, 1), state["old_lp"][y].reshape(-1, 1), logp_ref[y].reshape(-1, 1)
+        return ift.clipped_pg_loss(x, old, torch.ones_like(x, dtype=torch.bool), adv, ref, clip_low=cfg.clip,
+                                   clip_high=cfg.clip, kl_coef=cfg.pg_kl,
+                                   kl_estimator="logratio" if method == "ppo" else "k3")[0]
     raise ValueError(method)
+
+
+def pg_advantages(method, r, state):
+    """Advantages of a draw's rewards r [P, N], computed once per draw (state["fresh"]): PPO normalises by the
+    running mean/std of every reward drawn so far, GRPO within each prompt's N samples."""
+    if state.pop("fresh", False) or "adv" not in state:
+        if method == "ppo":
+            n, s1, s2 = state.get("run", (0, 0.0, 0.0))
+            state["run"] = n, s1, s2 = n + r.numel(), s1 + r.sum().item(), s2 + (r * r).sum().item()
+            mean = s1 / n
+            state["adv"] = ift.running_advantages(r.flatten(), mean, max(s2 / n - mean * mean, 0.0) ** 0.5)
+        else:
+            state["adv"] = ift.group_advantages(r, "group").flatten()
+    return state["adv"]
 
 
 def train_table(method, onpolicy, centre, cfg, seed, prompts=None):
@@ -129,10 +155,11 @@ def train_table(method, onpolicy, centre, cfg, seed, prompts=None):
     opt = torch.optim.Adam([theta], lr=cfg.lr)
     draw = lambda logits: torch.multinomial(logits.softmax(-1).expand(P, K), cfg.n, True, generator=g)
     y0 = y = draw(logp_ref)          # on-policy's first draw is the offline data set
-    curve, state = [(logp_ref.exp() @ R).item()], {}
+    curve, state = [(logp_ref.exp() @ R).item()], {"old_lp": logp_ref, "fresh": True}
     for t in range(cfg.steps):
         if onpolicy and t > 0 and t % cfg.every == 0:
             y = draw(theta.detach())
+            state.update(old_lp=theta.detach().log_softmax(-1), fresh=True)   # PPO/GRPO: the drawing policy
         loss = tab_loss(method, theta.log_softmax(-1), logp_ref, y, R[y], cfg, state)
         if loss is not None:
             opt.zero_grad()
@@ -164,7 +191,7 @@ def fmt(xs):
     return f"{m:6.3f} ± {s:.3f}"
 
 
-def e1(cfg, methods=("best_of_n", "dpo", "ipo", "reinforce")):
+def e1(cfg, methods=("best_of_n", "dpo", "ipo", "reinforce", "ppo", "grpo")):
     """{(reward, method, 'offline'|'onpolicy'): [E_pi[R] per seed]} and the mean curves."""
     out, curves = {}, {}
     for rname, c in REWARDS.items():
@@ -286,6 +313,17 @@ def seq_loss(method, model, ref, prompts, ys, r, cfg, state):
         state["b"] = m if "b" not in state else 0.9 * state["b"] + 0.1 * m
         s, _ = ift.seq_logps(model, seq_rows(prompts, ys))
         return -((r.flatten().float() - state["b"]) * s).mean()
+    if method in ("ppo", "grpo"):
+        batch = seq_rows(prompts, ys)
+        if state.get("fresh", True):   # the drawing policy's log-probs: once per draw, before any update
+            with torch.no_grad():
+                state["old_lp"] = ift.token_logps(model, batch)[0]
+                state["ref_lp"] = ift.token_logps(ref, batch)[0]
+        adv = pg_advantages(method, r, state)
+        lp, m = ift.token_logps(model, batch)
+        return ift.clipped_pg_loss(lp, state["old_lp"], m, adv, state["ref_lp"], clip_low=cfg.clip,
+                                   clip_high=cfg.clip, kl_coef=cfg.pg_kl,
+                                   kl_estimator="logratio" if method == "ppo" else "k3")[0]
     raise ValueError(method)
 
 
@@ -296,10 +334,11 @@ def seq_arm(method, onpolicy, centre, cfg, seed, ref):
     g = torch.Generator().manual_seed(seed)
     prompts = torch.randint(0, K, (cfg.seq_prompts,), generator=g).tolist()
     data = seq_sample(ref, prompts, cfg.n, L, seed, R)     # offline set = on-policy's first draw
-    curve, state = [seq_expected_reward(model, L, R, 10_000 + seed)], {}
+    curve, state = [seq_expected_reward(model, L, R, 10_000 + seed)], {"fresh": True}
     for t in range(cfg.seq_steps):
         if onpolicy and t > 0 and t % cfg.every == 0:
             data = seq_sample(model, prompts, cfg.n, L, seed * 100_003 + t, R)
+            state["fresh"] = True
         loss = seq_loss(method, model, ref, *data, cfg, state)
         if loss is not None:
             opt.zero_grad()
@@ -309,7 +348,8 @@ def seq_arm(method, onpolicy, centre, cfg, seed, ref):
     return curve
 
 
-def seq_experiment(cfg, methods=("sft", "ift", "dpo", "ipo", "reinforce"), rewards=tuple(REWARDS)):
+def seq_experiment(cfg, methods=("sft", "ift", "dpo", "ipo", "reinforce", "ppo", "grpo"),
+                   rewards=tuple(REWARDS)):
     """{(reward, method, mode): [E_pi[R] per seed]}; (reward, "ref", "-") holds the reference's value."""
     out = {}
     for s in range(cfg.seq_seeds):

@@ -52,8 +52,27 @@ def conversations(row, where="row"):
     if "prompt" in row or "response" in row:
         return [{"role": "user", "content": _string(row, "prompt", where)},
                 {"role": "assistant", "content": _string(row, "response", where)}], None
+    if "answerKey" in row or (isinstance(row.get("question"), str) and "answer" in row):
+        return task_messages(row, where), None
     raise DataError(f"{where}: unknown row kind (fields: {', '.join(sorted(row))}); expected 'messages', "
-                     f"'chosen'+'rejected', or 'prompt'+'response'")
+                     f"'chosen'+'rejected', 'prompt'+'response', or a GSM8K / ARC row")
+
+
+def task_messages(row, where="row"):
+    """A benchmark row in its published format as a chat: GSM8K {"question", "answer"} -> the question, and
+    the worked answer ending "#### N"; ARC (AI2 or HF layout, with answerKey) -> eval_gen's arc_gen user
+    message, and "The best answer is X." So a benchmark training file is SFT data and, on-policy, a reward
+    source (onpolicy.gsm8k_reward / arc_reward read the gold answer from the same row)."""
+    import eval_gen   # imported here: eval_gen builds on this module
+    try:
+        if "answerKey" in row:
+            q = eval_gen.parse_arc(row, where)
+            answer = f"{eval_gen.ARC_PREFILL} {eval_gen.LETTERS[q['gold']]}."
+            return [{"role": "user", "content": eval_gen.arc_user_message(q)}, {"role": "assistant", "content": answer}]
+        q = eval_gen.parse_gsm8k(row, where)
+    except eval_gen.TaskDataError as e:
+        raise DataError(str(e)) from None
+    return [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answer"]}]
 
 
 def load_records(path):

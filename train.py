@@ -70,7 +70,7 @@ class Config:
     hidden_dim: int = 688           # random init: SwiGLU intermediate size
     vocab_size: int = 512           # size of a tokenizer trained here (demo, or --data from scratch)
     # objective
-    loss: str = "ift"               # sft ift dft dpo ipo orpo simpo kto (+ rwr reinforce, on-policy)
+    loss: str = "ift"               # sft ift dft dpo ipo orpo simpo kto (+ rwr reinforce ppo grpo, on-policy)
     lam: float = 0.2                # IFT: lambda, weight of the model's own guesses in the input embeddings
     gamma: float = 0.95             # IFT: discount of the loss that follows each token (0 = plain weights)
     prop_kind: str = "loss"         # IFT: what is propagated: loss | logps | mask
@@ -98,12 +98,18 @@ class Config:
     temperature: float = 1.0        # sampling temperature
     top_p: float = 1.0              # nucleus sampling mass
     max_new_tokens: int = 32        # tokens per sample at most
-    reward: str = "demo"            # demo | length | module:function(prompt_text, response_text) -> float
+    reward: str = "demo"            # demo | length | gsm8k | arc | module:fn(prompt, response[, data row])
     pairs: str = "best_worst"       # DPO-style pairs from the samples: best_worst | all
     pair_threshold: float = 0.2     # pairs closer in reward than this are skipped
     replay_ratio: float = 0.0       # best-of-N: fraction of rows that keep the dataset's answer
     rwr_temperature: float = 1.0    # RWR: weight = min(exp(r / T), cap)
     rwr_cap: float = 20.0           # RWR: weight cap
+    clip_low: float = 0.2           # PPO/GRPO: the ratio is clipped to [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.2          # PPO/GRPO: upper clip (larger = DAPO's "clip-higher")
+    kl_coef: float = 0.0            # PPO/GRPO: weight of the per-token KL to the reference (0 = no reference)
+    kl_estimator: str = "k3"        # PPO/GRPO: k3 (GRPO, TRL) | logratio (log pi - log pi_ref: paper's PPO)
+    scale_rewards: str = "group"    # GRPO: advantage / std of the prompt's group | round's (batch) | none (Dr. GRPO)
+    pg_average: str = "sequence"    # PPO/GRPO: sequence (mean of sample means) | token | constant (/ max_new_tokens)
     # optimisation
     optimizer: str = "adamw"        # adamw | rmsprop
     lr: float = 1e-3                # peak learning rate
@@ -135,7 +141,9 @@ class Config:
     save_dtype: str = ""            # HF export dtype: "" = --init_from's (bf16 for Mistral; fp32 random init) | fp32 | bf16 | fp16
 
 
-CHOICES = {"loss": ("sft", "ift", "dft") + PAIRWISE + ("rwr", "reinforce"), "ref": ("precompute", "online"),
+CHOICES = {"loss": ("sft", "ift", "dft") + PAIRWISE + ("rwr", "reinforce") + onpolicy.PG_LOSSES,
+           "ref": ("precompute", "online"), "kl_estimator": ift.KL_ESTIMATORS, "scale_rewards": ift.REWARD_SCALES,
+           "pg_average": ift.PG_AVERAGES,
            "optimizer": ("adamw", "rmsprop"), "schedule": ("cosine", "linear", "constant"), "parallel": ("ddp", "fsdp"),
            "sampling": ("onpolicy", "offline"), "precision": ("auto", "bf16", "fp32"), "prop_side": ("left", "right"),
            "prop_kind": ("loss", "logps", "mask"), "prop_norm": ("L1", "L2", "softmax", "log"),
@@ -160,8 +168,10 @@ def parse_config(argv) -> Config:
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             sys.exit(f"error: --{key}={getattr(cfg, key)!r} is not one of {', '.join(allowed)}")
-    if cfg.loss in ("rwr", "reinforce") and cfg.onpolicy_every == 0:
+    if cfg.loss in ("rwr", "reinforce") + onpolicy.PG_LOSSES and cfg.onpolicy_every == 0:
         sys.exit(f"error: --loss={cfg.loss} needs samples: set --onpolicy_every=K")
+    if cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0 and cfg.reference_free:
+        sys.exit(f"error: --kl_coef={cfg.kl_coef} needs a reference model: drop --reference_free (or set --kl_coef=0)")
     if cfg.loss == "kto" and cfg.micro_batch_size < 2:
         sys.exit(f"error: --loss=kto needs --micro_batch_size >= 2 (its KL estimate pairs the rows of a "
                  f"micro-batch), got {cfg.micro_batch_size}")
@@ -308,7 +318,9 @@ def model_args(cfg, tok):
 def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
     """On a GPU, print the memory plan (memplan.py) and stop here, before the load, a run that cannot fit."""
     a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
-    kw = dict(micro_batch_size=cfg.micro_batch_size, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
+    per_sample = cfg.onpolicy_every and cfg.loss in ("rwr", "reinforce") + onpolicy.PG_LOSSES   # a row per sample
+    rows = cfg.micro_batch_size * (cfg.n_samples if per_sample else 1)
+    kw = dict(micro_batch_size=rows, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
               grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss, impl=memplan.optimizer_impl(cfg.optimizer,
               device.type), weight_decay=cfg.weight_decay, reference=needs_frozen_reference(cfg))
     p = memplan.plan(a, world, par, **kw)
@@ -367,6 +379,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
         return ift.ift_loss(model, batch, lam=lam, gamma=cfg.gamma, kind=cfg.prop_kind, side=cfg.prop_side,
                             norm=cfg.prop_norm, detach_weights=cfg.detach_weights,
                             freeze_input_embeddings=cfg.freeze_input_embeddings)
+    if cfg.loss in onpolicy.PG_LOSSES:     # held-out rows (dataset answers, no samples): plain SFT NLL
+        return onpolicy.pg_loss(cfg, model, batch, ref_logps) if "advantages" in batch else ift.sft_loss(model, batch)
     if cfg.loss in ("rwr", "reinforce"):   # held-out rows (dataset answers, no weights): plain SFT NLL
         return onpolicy.weighted_nll_loss(model, batch) if "weights" in batch else ift.sft_loss(model, batch)
     s, mean = ift.seq_logps(model, batch)
@@ -392,7 +406,8 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
 
 
 def needs_frozen_reference(cfg) -> bool:
-    return cfg.loss in NEEDS_REF and not cfg.reference_free and (cfg.ref == "online" or bool(cfg.onpolicy_every))
+    pg_kl = cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0      # PPO/GRPO: a reference only for the KL
+    return (cfg.loss in NEEDS_REF or pg_kl) and not cfg.reference_free and (cfg.ref == "online" or bool(cfg.onpolicy_every))
 
 
 def frozen_reference(cfg, model, device, bf16, fsdp):
@@ -605,6 +620,10 @@ def train(cfg, rank, gpu, world, distributed):
             upcoming = [i for s in range(step, horizon)
                         for mb in plans[s // steps_per_epoch][s % steps_per_epoch] for i in mb]
             sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx)  # *current* weights
+            if cfg.loss in onpolicy.PG_LOSSES:   # the sampling policy's log-probs, in the training micro-batches
+                sampler.record_old_logps(parallel.unwrap(model), [mb for s in range(step, horizon) for mb in
+                                                                  plans[s // steps_per_epoch][s % steps_per_epoch]],
+                                         device, ctx)
         acc = {}
         for a, idx in enumerate(plan[k]):
             if sampler is not None:

@@ -29,14 +29,19 @@ def test_tiny_run_has_every_section_ok(tmp_path):
         assert all(S["parity"][mode][k] for k in ("logits_ok", "sft_ok", "ift_ok", "generate_ok"))
     assert S["parity"]["bf16"]["logits_rel"] > 0      # bf16 really ran in bf16 (not silently fp32)
     runs = S["train"]["runs"]
-    assert {(x["objective"], x["grad_checkpointing"]) for x in runs if x["status"] == "ok"} == \
-        {(o, c) for o in ("sft", "ift", "dpo") for c in (False, True)}
+    assert {(x["parallel"], x["objective"], x["grad_checkpointing"]) for x in runs if x["status"] == "ok"} == \
+        {("single", o, c) for o in ("sft", "ift", "dpo") for c in (False, True)} | {("fsdp", "ift", True)}
     assert all(x["tok_s"] > 0 and x["loss"] == x["loss"] for x in runs)          # finite loss (not NaN)
+    assert S["train"]["optimizer"].startswith("RMSprop (per-tensor)")            # the 7B recipe's, on CPU
+    assert S["train"]["optimizer"].endswith("built by train.make_optimizer")
     tr = S["torchrun"]["runs"]
     assert {x["parallel"] for x in tr} == {"fsdp", "ddp"} and any(x["onpolicy"] for x in tr)
     assert all(x["status"] == "ok" and x["final_train_loss"] is not None for x in tr)
     assert [d["batch"] for d in S["generate"]["decode"] if d["status"] == "ok"] == [1, 16]
-    assert S["eval"]["questions"] == S["eval"]["of"] and S["eval"]["new_tokens"] > 0
+    assert all(d["first_call_s"] > 0 and d["decode_tok_s"] > 0 for d in S["generate"]["decode"])
+    ev = S["eval"]
+    assert ev["questions"] == ev["of"] and ev["new_tokens"] > 0 and ev["batches"] == 3
+    assert ev["first_batch_s"] > 0 and ev["steady_s"] > 0 and ev["steady_questions_per_s"] > 0
     assert "| section | status | seconds | result |" in p.stdout and "| torchrun | ok |" in p.stdout
 
 
@@ -79,3 +84,42 @@ def test_failures_and_budget_are_recorded_and_the_run_goes_on(tmp_path):
     assert os.listdir(tmp_path) == ["o.json"]                          # no temp file left behind
     with pytest.raises(SystemExit):
         bench_gpu.parse_args(["--only=train,gpu"])                       # unknown section names are errors
+
+
+def test_each_section_stops_at_its_end():
+    """A section entered with no time left does at most one unit of work (a matmul size, a batch) and
+    records what it skipped: nothing overruns the budget by more than that."""
+    r = _run(400.0)
+    r.env = bench_gpu.sec_env(r)
+    for name, fn in bench_gpu.SECTIONS:
+        r.budget_s = r.elapsed()           # the section's end is now
+        if name == "env":
+            assert len(fn(r)["matmul_sizes"]) == 1
+            continue
+        with pytest.raises(bench_gpu.Skipped) as e:
+            fn(r)
+        assert e.value.args[0].startswith("budget"), (name, e.value.args)
+        res = e.value.results
+        if name == "train":
+            assert res["runs"] and all(x["status"] == "skipped" and "budget" in x["reason"] for x in res["runs"])
+        elif name == "torchrun":
+            assert all(x["status"] == "skipped" for x in res["runs"])
+        elif name == "generate":
+            assert all(d["status"] == "skipped" for d in res["decode"]) and "prefill" not in res
+        elif name == "eval":
+            assert res["batches"] == 1 and res["questions"] < res["of"]
+
+
+def test_sections_leave_the_later_sections_their_planned_share():
+    seen = {}
+
+    def look(r):
+        seen[len(seen)] = (r.reserved_s, r.left())
+        return {}
+    r = _run(100.0)
+    rep = bench_gpu.run_sections(r, [("train", look), ("generate", look), ("eval", look)], {"sections": {}},
+                                 only={"train", "eval"})
+    P = bench_gpu.PLAN
+    assert seen[0][0] == pytest.approx(100 * P["eval"]) and seen[1][0] == 0.0     # generate not selected
+    assert seen[0][1] <= 100 * (1 - P["eval"]) and rep["sections"]["generate"]["status"] == "skipped"
+    assert sum(P.values()) <= 1.0

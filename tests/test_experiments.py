@@ -26,7 +26,7 @@ def spy(monkeypatch):
     """Count calls of ift.py's objectives while letting them run."""
     calls = {}
     for name in ("ift_objective", "dpo_loss", "ipo_loss", "orpo_loss", "simpo_loss", "sft_loss", "ift_loss",
-                 "seq_logps"):
+                 "seq_logps", "clipped_pg_loss"):
         real = getattr(ift, name)
 
         def wrap(*a, _real=real, _name=name, **k):
@@ -148,6 +148,19 @@ def test_bandit_losses_go_through_ift(spy):
         spy.clear()
         bd.train_table(m, True, 70, cfg, 0)
         assert spy == {fn: cfg.steps}, m
+
+
+def test_bandit_ppo_grpo_clip_binds_offline_not_on_policy(spy):
+    """Offline, one draw from pi_ref is reused for every step: a sample stops pulling once its ratio has passed
+    the clip (only the softmax coupling and Adam's momentum move it on), so E[R] moves little; on-policy (a
+    fresh draw every step, ratio 1) it climbs."""
+    cfg = bd.Config(steps=40, seeds=1, prompts=20)
+    for m in ("ppo", "grpo"):
+        spy.clear()
+        _, cv_off, _ = bd.train_table(m, False, 70, cfg, 0)
+        _, cv_on, _ = bd.train_table(m, True, 70, cfg, 0)
+        assert spy == {"clipped_pg_loss": 2 * cfg.steps}, m
+        assert cv_on[-1] - cv_off[-1] > 0.2 and cv_off[-1] < 0.15, (m, cv_off[-1], cv_on[-1])   # 0.11 vs 0.41
 
 
 def test_bandit_dpo_step0_and_best_of_n_closed_form():

@@ -370,6 +370,37 @@ def test_label_logps_bf16_checkpoint_path_equals_plain():
     assert out.dtype == torch.float32 and torch.equal(out, ref) and torch.equal(x.grad, x2.grad)
 
 
+def test_first_pass_greedy_and_logps_match_one_pass_row_by_row():
+    """IFT's pass 1 reads the logits a chunk of rows at a time: the same guesses and log-probs, bit for bit,
+    as one max and label_logps over all rows, whatever the chunk (fp32, bf16 with ties, no rows)."""
+    g = torch.Generator().manual_seed(0)
+    x32 = torch.randn(13, 17, generator=g) * 3
+    y = torch.randint(0, 17, (13,), generator=g)
+    for x in (x32, x32.bfloat16(), x32.double()):
+        ref_guess, ref_lp = x.max(-1).indices, ift.label_logps(x, y)
+        for elems in (1, 17 * 4, 17 * 13, 1 << 22):        # 1 row, 4 rows (a ragged last chunk), all, default
+            guess, lp = ift.greedy_and_label_logps(x, y, elems)
+            assert torch.equal(guess, ref_guess) and torch.equal(lp, ref_lp) and lp.dtype == ref_lp.dtype
+    guess, lp = ift.greedy_and_label_logps(torch.zeros(0, 17), y[:0])
+    assert guess.shape == lp.shape == (0,)
+
+
+def test_ift_loss_is_bit_identical_to_a_one_pass_first_pass(monkeypatch):
+    """ift_loss (loss, gradients, metrics) equals the same step with pass 1 as one max + label_logps."""
+    model = _tiny_transformer(torch.float32)
+    batch = _sft_batch(40, seed=5)
+    loss, met = ift.ift_loss(model, batch, lam=0.2)
+    loss.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(ift, "greedy_and_label_logps", lambda x, y: (x.max(-1).indices, ift.label_logps(x, y)))
+    loss_ref, met_ref = ift.ift_loss(model, batch, lam=0.2)
+    loss_ref.backward()
+    assert torch.equal(loss, loss_ref) and all(torch.equal(p.grad, q) for p, q in zip(model.parameters(), grads))
+    assert met.keys() == met_ref.keys() and all(torch.equal(torch.as_tensor(met[k]), torch.as_tensor(met_ref[k]))
+                                                for k in met)
+
+
 def test_empty_rows_convention():
     model = TinyLM().double()
     batch = _sft_batch(11)

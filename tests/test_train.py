@@ -152,7 +152,7 @@ def test_demo_end_to_end_and_checkpoint_loads_in_transformers(tmp_path):
 
 def test_bad_config_names_the_key(tmp_path, capsys):
     for args, msg in ((["--lrr=1"], "unrecognized arguments: --lrr=1"), (["--lr=fast"], "--lr: invalid float value: 'fast'"),
-                      (["--loss=ppo"], "--loss: invalid choice: 'ppo'")):
+                      (["--loss=trpo"], "--loss: invalid choice: 'trpo'")):
         with pytest.raises(SystemExit):
             train.parse_config(args)
         assert msg in capsys.readouterr().err
