@@ -7,8 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bandit as bd
-import frozen_lake as fl
+from experiments import bandit as bd, frozen_lake as fl
 import ift
 
 

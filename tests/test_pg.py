@@ -344,7 +344,7 @@ def test_gsm8k_recipes_parse_as_grpo_on_gsm8k():
 
 
 def test_rl_study_quick_runs(tmp_path):
-    import rl_study
+    from experiments import rl_study
     rep = rl_study.main(["--quick", f"--out_dir={tmp_path}"])
     assert len(rep["results"]) == 2 and set(rep["results"][0]) == {"SFT start", "GRPO", "REINFORCE"}
     assert set(rep["comparisons"]) == {"GRPO - SFT start", "GRPO - REINFORCE"}

@@ -7,8 +7,7 @@ import os
 import pytest
 import torch
 
-import frozen_lake as fl
-import study
+from experiments import frozen_lake as fl, study
 
 
 def test_t_distribution_known_values():

@@ -2,9 +2,9 @@
 Does IFT beat SFT? Every objective trained over the same seeds on the demo task, scored on unseen prompts,
 compared with SFT seed by seed (paired), plus a Frozen Lake sweep over the choices the paper leaves open.
 
-    python study.py                 # the full study: 8 seeds x 9 arms + the Frozen Lake sweep
-    python study.py --quick         # every arm at a tiny budget, 2 seeds (what the test suite runs)
-    python study.py --arms=SFT,IFT --seeds=3    # a subset, for a look
+    python -m experiments.study                 # the full study: 8 seeds x 9 arms + the Frozen Lake sweep
+    python -m experiments.study --quick         # every arm at a tiny budget, 2 seeds (what the test suite runs)
+    python -m experiments.study --arms=SFT,IFT --seeds=3    # a subset, for a look
 
 Arms (train.py objectives; everything not listed is train.py's default and the same for every arm):
   SFT, SFT x4/3 steps (an IFT step costs about 4/3 of an SFT step: one extra no-grad forward),
@@ -373,7 +373,7 @@ def main(argv=None):
     lake = None
     lake_md = ""
     if cfg.frozen_lake:
-        import frozen_lake
+        from experiments import frozen_lake
         lake = frozen_lake.sweep(frozen_lake.SWEEP_QUICK if cfg.quick else frozen_lake.SWEEP)
         lake_md = frozen_lake.sweep_markdown(lake)
     wall = time.time() - t0

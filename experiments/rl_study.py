@@ -4,8 +4,8 @@ the start; GRPO and REINFORCE then train from it on-policy with --reward=demo (p
 with the same prompts, samples, steps and learning rate; held-out greedy exact match (unseen prompts,
 study.py's scoring) of the start and of each arm, compared seed by seed (paired t, exact Wilcoxon).
 
-    python rl_study.py                  # 5 seeds (~10 min on one core of a shared machine)
-    python rl_study.py --quick          # 2 seeds at a tiny budget (what the test suite runs)
+    python -m experiments.rl_study                  # 5 seeds (~10 min on one core of a shared machine)
+    python -m experiments.rl_study --quick          # 2 seeds at a tiny budget (what the test suite runs)
 
 Writes <out_dir>/report.json and prints a table. Runs train in-process, one thread each.
 """
@@ -19,7 +19,7 @@ import torch
 
 import data
 import flags
-import study
+from experiments import study
 import train
 
 

@@ -19,9 +19,9 @@ IFT here: a trajectory is a "sequence" whose tokens are states. Its mixed input 
 leads (the guess of "token t" given the true prefix, as METHOD §1.1), and the per-step log-probs of the
 optimal actions get ift.py's relation-propagation weighting.
 
-    python frozen_lake.py                 # table, 5 seeds, a few seconds
-    python frozen_lake.py --plot          # + frozen_lake.png (curves, greedy paths); needs matplotlib
-    python frozen_lake.py --sweep         # the choices the paper leaves open: start, lr, steps, metric
+    python -m experiments.frozen_lake                 # table, 5 seeds, a few seconds
+    python -m experiments.frozen_lake --plot          # + frozen_lake.png (curves, greedy paths); needs matplotlib
+    python -m experiments.frozen_lake --sweep         # the choices the paper leaves open: start, lr, steps, metric
 """
 import time
 from dataclasses import dataclass

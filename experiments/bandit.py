@@ -22,10 +22,10 @@ L generated tokens, reward = mean bump over them. It is first fitted to the unig
 copy is the reference. Best-of-N SFT vs best-of-N IFT (where they can differ: IFT conditions on its own
 greedy guesses), DPO, IPO, REINFORCE, PPO, GRPO; offline vs on-policy at equal steps and lr.
 
-    python bandit.py                    # E1 + E2 tables (~20 s)
-    python bandit.py --seq              # + the sequence bandit (~3 min on 1 core)
-    python bandit.py --seq --quick      # the sequence bandit at test size (~10 s)
-    python bandit.py --plot             # + bandit.png (needs matplotlib)
+    python -m experiments.bandit                    # E1 + E2 tables (~20 s)
+    python -m experiments.bandit --seq              # + the sequence bandit (~3 min on 1 core)
+    python -m experiments.bandit --seq --quick      # the sequence bandit at test size (~10 s)
+    python -m experiments.bandit --plot             # + bandit.png (needs matplotlib)
 """
 import copy
 import math
