@@ -27,6 +27,7 @@ import checkpoint
 import flags
 import data
 import ift
+import interrupt
 import memplan
 import onpolicy
 import parallel
@@ -130,6 +131,8 @@ class Config:
     eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint); no training
     dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # checkpoint every N steps (0 = only at the end)
+    save_every_min: float = 30.0    # also checkpoint when this many minutes passed since the last one (0 = off): a
+                                    # kill loses at most that; SIGINT/SIGTERM save at once (interrupt.py)
     keep_last: int = 2              # checkpoints kept (the newest is never deleted)
     eval_every: int = 0             # held-out loss every N steps (0 = only at the end)
     log_every: int = 10             # metrics every N steps (a plain line when the bar is off or not a terminal)
@@ -493,26 +496,38 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
     return float(hits[0] / hits[1].clamp(min=1)), example
 
 
-def global_flag(bad, device) -> bool:
-    """True on every rank if any rank saw `bad` (a bool or a bool tensor on the device; one tiny all-reduce and
-    one host sync per call: all ranks then stop together)."""
-    flag = torch.as_tensor(bad, device=device).to(torch.float32).reshape(1)
-    return bool(parallel.all_reduce(flag, dist.ReduceOp.MAX)[0] > 0)
+def global_max(values, device) -> list:
+    """[the largest rank's value i] for small ints, bools or bool tensors on the device: one tiny all-reduce and
+    one host sync, after which all ranks act alike (stop, save)."""
+    vals = torch.stack([torch.as_tensor(v, device=device).to(torch.float32).reshape(()) for v in values])
+    return [int(v) for v in parallel.all_reduce(vals, dist.ReduceOp.MAX).tolist()]
 
 
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, gpu, world, distributed = parallel.setup(cfg.dist_timeout_s)
-    out = train(cfg, rank, gpu, world, distributed)
+    with interrupt.StopRequest(verbose=rank == 0) as stop:
+        out = train(cfg, rank, gpu, world, distributed, stop)
     # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
     # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
     # connections while another still writes or reads.
     parallel.shutdown()
+    if out.get("interrupted"):
+        stopped(out, rank, sys.argv[1:] if argv is None else argv)
     return out
 
 
-def train(cfg, rank, gpu, world, distributed):
+def stopped(out, rank, argv):
+    """After a SIGINT/SIGTERM save: where the run stands, how to continue it, and the signal's exit code."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
+    if rank == 0:
+        print(f"{out['interrupted']}: stopped after step {out['step']} of {out['total']}, saved {out['checkpoint']}\n"
+              f"resume with: {interrupt.resume_command(argv, script)}", file=sys.stderr, flush=True)
+    sys.exit(out["exit_code"])
+
+
+def train(cfg, rank, gpu, world, distributed, stop=None):
     device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     fsdp = distributed and cfg.parallel == "fsdp"
@@ -604,6 +619,8 @@ def train(cfg, rank, gpu, world, distributed):
     busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
     flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
     model.train()
+    stop = stop or interrupt.StopRequest()
+    stop.armed, last_save = True, time.time()     # a signal from here on finishes the step and saves
     while state["step"] < total:
         step, t0 = state["step"], time.time()
         epoch, k = divmod(step, steps_per_epoch)
@@ -644,8 +661,12 @@ def train(cfg, rank, gpu, world, distributed):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout.
-        if global_flag(~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)), device):
+        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout;
+        # a signal on any rank, or rank 0's clock, makes every rank save after this step (one all-reduce).
+        save_due = rank == 0 and cfg.save_every_min > 0 and time.time() - last_save >= 60 * cfg.save_every_min
+        bad, stopping, save_due = global_max([~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)),
+                                              stop.signum or 0, save_due], device)
+        if bad:
             last = checkpoint.latest(cfg.out_dir)
             raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss "
                              f"{float(acc['loss'])}, grad norm {float(gnorm)}); stopping without saving. "
@@ -688,8 +709,13 @@ def train(cfg, rank, gpu, world, distributed):
                 (bar.write if show_bar else print)(f"step {state['step']} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": state["step"], **ev}) + "\n")
-        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
-            save(state)
+        periodic = cfg.save_every and state["step"] % cfg.save_every == 0
+        if state["step"] < total and (periodic or save_due or stopping):
+            path, last_save = save(state), time.time()
+            if stopping:
+                bar.close()
+                return {"checkpoint": path, "step": state["step"], "total": total,
+                        "exit_code": interrupt.EXIT_CODES[stopping], "interrupted": interrupt.signal_name(stopping)}
     bar.close()
     path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
@@ -796,6 +822,11 @@ def cli(argv):
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:     # before the first optimizer step (then a signal only stops the loop)
+        if debug:
+            raise
+        print("interrupted before the first optimizer step: nothing to save", file=sys.stderr)
+        sys.exit(130)             # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":
