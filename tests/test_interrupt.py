@@ -116,3 +116,30 @@ def test_sigkill_after_wall_time_save_resumes_from_it(tmp_path, tok_path):
     assert records(out) == records(ref)
     a, b = weights(ref), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_second_ctrl_c_exits_at_once_but_a_forwarded_duplicate_does_not(monkeypatch):
+    import interrupt
+    exits = []
+    monkeypatch.setattr(interrupt.os, "_exit", exits.append)
+    clock = iter([100.0, 100.01, 102.0, 0.0])    # torchrun's forwarded copy 10 ms later, then a real second Ctrl-C
+    monkeypatch.setattr(interrupt.time, "monotonic", lambda: next(clock))
+    stop = interrupt.StopRequest(verbose=False)
+    stop.armed = True
+    stop._handle(signal.SIGINT, None)
+    stop._handle(signal.SIGINT, None)
+    assert stop.signum == signal.SIGINT and exits == []
+    stop._handle(signal.SIGINT, None)
+    assert exits == [130]
+    with pytest.raises(KeyboardInterrupt):      # before the loop: nothing to save, the run just ends
+        interrupt.StopRequest(verbose=False)._handle(signal.SIGINT, None)
+
+
+def test_resume_command_drops_overwrite_and_adds_resume(monkeypatch):
+    import interrupt
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert interrupt.resume_command(["--lr=1e-3", "--overwrite", "--resume", "false", "--data", "a b.jsonl"]) == \
+        "python train.py --lr=1e-3 --data 'a b.jsonl' --resume"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    assert interrupt.resume_command(["--overwrite=true"]) == "torchrun --nproc_per_node=8 train.py --resume"
