@@ -128,7 +128,8 @@ class Config:
     out_dir: str = "out"            # checkpoints, metrics.jsonl, caches
     resume: bool = False            # continue from the newest checkpoint in out_dir
     overwrite: bool = False         # start a new run in an out_dir that holds another run's checkpoints
-    eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint); no training
+    eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint) on --eval_data
+                                    # (neither --data nor --eval_data: the demo's held-out rows); writes nothing
     dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # checkpoint every N steps (0 = only at the end)
     save_every_min: float = 30.0    # also checkpoint when this many minutes passed since the last one (0 = off): a
@@ -202,6 +203,8 @@ def load_data(cfg, rank, use_cache=True):
     named after what it was trained on. The vocabulary is checked against the model before tokenizing.
     --data is tokenized once and cached (tokcache; not by --dry_run, which writes nothing)."""
     pairwise = cfg.loss in PAIRWISE
+    if cfg.eval_only:
+        return load_eval_only(cfg, rank)
     if cfg.data:
         train_src, eval_src, demo = cfg.data, cfg.eval_data or None, None
     else:  # demo: synthetic rows, deterministic from the seed
@@ -243,6 +246,45 @@ def load_data(cfg, rank, use_cache=True):
     if not train:
         sys.exit("error: no training example left after truncation")
     return tok, train, evals, demo
+
+
+def load_eval_only(cfg, rank):
+    """--eval_only: the tokenizer and the held-out rows only (--eval_data, else the demo's when no --data is
+    given either); no training set, no batch plan, no data cache (eval-only writes nothing)."""
+    pairwise = cfg.loss in PAIRWISE
+    demo = None
+    if cfg.eval_data:
+        src = cfg.eval_data
+    elif cfg.data:
+        sys.exit("error: --eval_only evaluates --eval_data (--data is a training set): pass --eval_data=FILE")
+    else:
+        rows = data.synthetic_pairs(cfg.n_train + cfg.n_eval, cfg.seed) if pairwise else \
+            data.synthetic_task(cfg.n_train + cfg.n_eval, cfg.seed)
+        src = demo = rows[cfg.n_train:]
+        if rank == 0:
+            print(f"--eval_only without --eval_data: evaluating the built-in demo task's {cfg.n_eval} held-out rows")
+    tok_path = cfg.tokenizer or cfg.init_from
+    if not tok_path:     # --resume: the tokenizer saved with out_dir's newest checkpoint
+        found = checkpoint.list_checkpoints(cfg.out_dir) if cfg.resume else []
+        if not found:
+            sys.exit("error: --eval_only needs a model: --init_from=CHECKPOINT (or --resume in a run's --out_dir)")
+        tok_path = found[-1]
+    try:
+        tok = data.load_tokenizer(tok_path)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: tokenizer: {e}")
+    check_vocab(cfg, tok)
+    load = data.load_pairs if pairwise else data.load_sft
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
+        if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    evals, stats = load(src, tok, split=cfg.eval_split, empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts,
+                        progress=cfg.progress and rank == 0, **kw)
+    if rank == 0:
+        stats.pop("sources", None)
+        print(f"data: {len(evals)} eval examples from {cfg.eval_data or 'the demo task'}; {stats}")
+    if not evals:
+        sys.exit(f"error: no held-out example left in {cfg.eval_data or 'the demo rows'} after truncation")
+    return tok, [], evals, demo
 
 
 def check_vocab(cfg, tok):
@@ -433,7 +475,7 @@ def reference_tables(cfg, model, keys, train_ex, eval_ex, plans0, pad_id, device
     tables = []
     for ex, key, batches in ((train_ex, keys[0], refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
                              (eval_ex, keys[1], refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
-        path = os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
+        path = None if cfg.eval_only else os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
         tables.append(refcache.precompute(parallel.unwrap(model), ex, batches, pad_id, kto, device, ctx, path, rank,
                                           world, cfg.progress) if ex else None)
     return tables
@@ -550,7 +592,7 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
     lengths = example_lengths(train_ex)
     plan_of = lambda epoch, r=rank: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, r, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and not cfg.eval_only:
         sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of "
                  f"{cfg.micro_batch_size * cfg.grad_accum * world}")
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -574,18 +616,19 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
         ref_table, eval_ref_table = reference_tables(cfg, model, keys, [] if cfg.eval_only else train_ex, eval_ex,
                                                      [plan_of(0, r) for r in range(world)], tok.pad_id, device, ctx,
                                                      rank, world)
-    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
+    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every and not cfg.eval_only else None
     resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
     if cfg.resume and not resume_from and rank == 0:
         print(f"resume: no checkpoint in {cfg.out_dir}: starting a new run")
     if resume_from:
         state = checkpoint.load(resume_from, model, opt)
-        refuse = checkpoint.schedule_mismatch(state, run_info) or checkpoint.objective_mismatch(state["config"], cfg)
+        refuse = (None if cfg.eval_only else checkpoint.schedule_mismatch(state, run_info)) or \
+            checkpoint.objective_mismatch(state["config"], cfg)
         if refuse:
             sys.exit(f"error: {refuse} ({resume_from})")
         if sampler is not None and "sampler" in state:
             sampler.load_state_dict(state["sampler"][rank])
-        if rank == 0:
+        if rank == 0 and not cfg.eval_only:
             print(f"resumed {resume_from}: step {state['step']} of {total}")
             for w in checkpoint.resume_warnings(state, cfg, data_fp):
                 print(f"warning: {w}")
@@ -742,8 +785,7 @@ def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_
 
 def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, what):
     """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
-    then exactly those of the run's own final evaluation); writes no checkpoint and no metrics (the held-out
-    reference table may be cached)."""
+    then exactly those of the run's own final evaluation); writes nothing (no checkpoint, metrics or cache)."""
     summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
                                                rank, world)}
     if rank == 0:
@@ -822,6 +864,11 @@ def cli(argv):
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:       # sys.exit("error: ...") is a user error too: the same exit code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
     except KeyboardInterrupt:     # before the first optimizer step (then a signal only stops the loop)
         if debug:
             raise

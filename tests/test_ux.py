@@ -1,0 +1,48 @@
+"""What a new user meets first, through the real command line: --eval_only standing alone, inputs checked before
+anything is written, one-line errors with exit code 2, prints that say what applies."""
+import json
+import os
+import subprocess
+import sys
+
+from test_train import ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+SMALL = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--progress=false",
+         "--log_every=1", "--warmup_ratio=0"]
+CHAT, HELD_OUT = os.path.join(ROOT, "examples", "chat.jsonl"), os.path.join(ROOT, "examples", "chat_eval.jsonl")
+
+
+def train_py(args, cwd):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py")] + args, env=ENV, capture_output=True,
+                          text=True, timeout=300, cwd=cwd)
+
+
+def last_json(stdout, key):
+    return json.loads([l for l in stdout.splitlines() if l.startswith("{" + json.dumps(key))][-1])
+
+
+def test_eval_only_needs_no_training_set_and_equals_the_end_of_training(tmp_path, tok_path):
+    run = tmp_path / "run"
+    five = f"--eval_data={HELD_OUT}:5"
+    p = train_py(SMALL + [f"--tokenizer={tok_path}", f"--data={CHAT}", five, "--micro_batch_size=8", "--max_steps=2",
+                          f"--out_dir={run}"], tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    trained = last_json(p.stdout, "final_train_loss")
+    work = tmp_path / "cwd"       # the default --out_dir would be work/out: eval-only must not create it
+    work.mkdir()
+    # no --data, and a default micro-batch (32) that 5 rows do not fill
+    p = train_py(["--eval_only", f"--init_from={run}", five, "--progress=false"], work)
+    assert p.returncode == 0, p.stderr[-2000:]
+    alone = last_json(p.stdout, "evaluated")
+    assert {k: v for k, v in trained.items() if k.startswith("eval/")} == \
+        {k: v for k, v in alone.items() if k.startswith("eval/")} and "eval/loss" in alone
+    assert "5 eval examples" in p.stdout and "demo" not in p.stdout
+    assert os.listdir(work) == []
+    # a training file alone is nothing to evaluate: one line, exit 2, nothing written
+    p = train_py(["--eval_only", f"--init_from={run}", f"--data={CHAT}"], work)
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "--eval_data" in p.stderr, p.stderr
+    # neither: the demo's held-out rows, and it says so
+    p = train_py(["--eval_only", f"--init_from={run}", "--n_eval=8", "--gen_eval=0", "--progress=false"], work)
+    assert p.returncode == 0 and "evaluating the built-in demo task's 8 held-out rows" in p.stdout, p.stderr[-2000:]
+    assert os.listdir(work) == []
