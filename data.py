@@ -639,6 +639,19 @@ def read_rows(path, split=""):
     return [r for _, r in rows]
 
 
+def check_rows(spec, split="", pairwise=False, prompt_from_chosen=False) -> bool:
+    """Every row of a --data value read and checked as the objective will load it (pairwise: chosen and
+    rejected with one prompt); an error names file:line and the field. True if the rows hold preference pairs
+    that a non-pairwise objective would train on by their chosen side."""
+    chosen_only = False
+    for where, row in read_source(os.fspath(spec), split)[0]:
+        if pairwise:
+            _pair(row, where, prompt_from_chosen)
+        else:
+            chosen_only |= conversations(row, where)[1] is not None
+    return chosen_only
+
+
 def _render(where, tok, msgs, **kw):
     try:
         return render_chat(tok, msgs, **kw)

@@ -248,6 +248,16 @@ def load_data(cfg, rank, use_cache=True):
     return tok, train, evals, demo
 
 
+def check_inputs(cfg, rank):
+    """Every row of --data and --eval_data, checked against --loss before anything is written (out_dir, a
+    tokenizer trained on the data, the data cache), on every rank alike: an error names file:line and the
+    field. A non-pairwise objective on preference rows trains on their chosen answers: said once per file."""
+    for spec, split in ((cfg.data, cfg.split), (cfg.eval_data, cfg.eval_split)):
+        if spec and data.check_rows(spec, split, cfg.loss in PAIRWISE, cfg.prompt_from_chosen) and rank == 0:
+            print(f"note: {spec} holds preference pairs: --loss={cfg.loss} trains on their chosen answers "
+                  f"(the rejected ones are not used)")
+
+
 def load_eval_only(cfg, rank):
     """--eval_only: the tokenizer and the held-out rows only (--eval_data, else the demo's when no --data is
     given either); no training set, no batch plan, no data cache (eval-only writes nothing)."""
@@ -319,6 +329,7 @@ def dry_run(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.init_from:
         cfg.init_from = checkpoint.resolve_model(cfg.init_from)
+    check_inputs(cfg, 0)
     tok, train_ex, eval_ex, _ = load_data(cfg, 0, use_cache=False)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
@@ -579,6 +590,7 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
     if cfg.init_from:   # a run's out_dir means its newest checkpoint
         cfg.init_from = checkpoint.resolve_model(cfg.init_from, verbose=rank == 0)   # every rank: same error
     if not cfg.eval_only:
+        check_inputs(cfg, rank)       # before out_dir, a tokenizer or a cache is written
         guard_out_dir(cfg, rank)
     checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
     if device.type == "cuda":

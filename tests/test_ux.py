@@ -46,3 +46,38 @@ def test_eval_only_needs_no_training_set_and_equals_the_end_of_training(tmp_path
     p = train_py(["--eval_only", f"--init_from={run}", "--n_eval=8", "--gen_eval=0", "--progress=false"], work)
     assert p.returncode == 0 and "evaluating the built-in demo task's 8 held-out rows" in p.stdout, p.stderr[-2000:]
     assert os.listdir(work) == []
+
+
+def refused(args, capsys):
+    """train.py's command line run in this process: it must end with one line and exit code 2."""
+    import pytest
+    import train
+    with pytest.raises(SystemExit) as e:
+        train.cli(args)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.count("\n") == 0 and "Traceback" not in err, (e.value.code, err)
+    return err
+
+
+def test_every_input_is_checked_before_anything_is_written(tmp_path, tok_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    rows = [json.loads(l) for l in open(CHAT)][:4]
+    rows[2] = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]}
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    base = SMALL + [f"--out_dir={out}", "--max_steps=1", "--vocab_size=300"]
+    for tok in ([], [f"--tokenizer={tok_path}"]):       # a tokenizer trained on the data, or a given one
+        err = refused(base + tok + [f"--data={bad}", f"--eval_data={HELD_OUT}"], capsys)
+        assert f"{bad}:3: messages[1] has no 'content' field" in err
+        err = refused(base + tok + [f"--data={CHAT}", f"--eval_data={bad}"], capsys)
+        assert f"{bad}:3: messages[1] has no 'content' field" in err
+        err = refused(base + tok + [f"--data={CHAT}", f"--eval_data={tmp_path / 'typo.jsonl'}"], capsys)
+        assert "typo.jsonl: no such file" in err
+        err = refused(base + tok + [f"--data={CHAT}", "--loss=dpo"], capsys)
+        assert f"{CHAT}:1: a pairwise objective needs 'chosen' and 'rejected' fields" in err
+        assert not out.exists()
+    # SFT-style objectives on preference rows: said once
+    import train
+    prefs = os.path.join(ROOT, "examples", "prefs.jsonl")
+    train.cli(SMALL + [f"--tokenizer={tok_path}", f"--data={prefs}", "--loss=sft", "--dry_run", "--micro_batch_size=4"])
+    assert capsys.readouterr().out.count("trains on their chosen answers") == 1
