@@ -81,3 +81,10 @@ def test_every_input_is_checked_before_anything_is_written(tmp_path, tok_path, c
     prefs = os.path.join(ROOT, "examples", "prefs.jsonl")
     train.cli(SMALL + [f"--tokenizer={tok_path}", f"--data={prefs}", "--loss=sft", "--dry_run", "--micro_batch_size=4"])
     assert capsys.readouterr().out.count("trains on their chosen answers") == 1
+
+
+def test_every_preset_writes_into_its_own_out_dir():
+    import glob
+    dirs = {p: json.load(open(p)).get("out_dir") for p in glob.glob(os.path.join(ROOT, "configs", "*.json"))}
+    assert all(d and d != "out" for d in dirs.values()), dirs       # never the demo's out/
+    assert len(set(dirs.values())) == len(dirs), dirs
