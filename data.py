@@ -661,8 +661,9 @@ def _render(where, tok, msgs, **kw):
 
 # ---------------------------------------------------------------------------- examples
 def _progress(items, on, desc):
-    """items, through a tqdm bar when `on` (tokenizing 200k conversations takes minutes)."""
-    if not on:
+    """items, through a tqdm bar when `on` and stderr is a terminal (tokenizing 200k conversations takes
+    minutes; a redirected log would only collect the bar's redraws)."""
+    if not on or not sys.stderr.isatty():
         return items
     from tqdm import tqdm
     return tqdm(items, desc=desc, unit=" rows", dynamic_ncols=True, leave=False)
@@ -916,7 +917,7 @@ def show(tok, ids, labels):
 
 def main(argv=None):
     import flags
-    ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (the "
+    ap = flags.Parser(description="Show one row as the model will be trained on it (the "
                                  "tokenizer's chat template, or Zephyr; supervised spans between ⟦ ⟧; "
                                  "preference rows: the chosen side).")
     ap.add_argument("--tokenizer", required=True, help="checkpoint directory, tokenizer.json or tokenizer.model")

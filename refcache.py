@@ -13,6 +13,7 @@ Two things make the cached values equal to what a frozen reference would give *i
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -41,7 +42,8 @@ def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, w
     out = torch.zeros(len(examples), 3, device=device)
     was_training = model.training
     model.eval()
-    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0 or not progress, leave=False):
+    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0 or not progress or not sys.stderr.isatty(),
+                  leave=False):
         b = data.to_device(data.pair_batch(examples, c if c is not None else [0], pad_id, kto), device)
         with ctx:
             r = reference_logps(model, b).float()

@@ -218,9 +218,11 @@ def load_data(cfg, rank, use_cache=True):
         if rank == 0 and not os.path.isfile(tok_path):
             os.makedirs(cfg.out_dir, exist_ok=True)
             text = data.corpus_text(rows if not cfg.data else [r for _, r in data.read_source(cfg.data, cfg.split)[0]])
-            print(f"training a {cfg.vocab_size}-piece sentencepiece tokenizer on the training text -> {tok_path}")
+            print(f"training a sentencepiece tokenizer of at most {cfg.vocab_size} pieces (--vocab_size) on the "
+                  f"training text -> {tok_path}")
             try:
-                data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+                pieces = data.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size).vocab_size
+                print(f"tokenizer: {pieces} pieces")
             except RuntimeError as e:   # sentencepiece's own words, e.g. a vocabulary smaller than the characters
                 sys.exit(f"error: cannot train a {cfg.vocab_size}-piece tokenizer on {cfg.data or 'the demo data'} "
                          f"(--vocab_size; its 256 byte pieces come first): {str(e).splitlines()[-1]}")
@@ -340,9 +342,34 @@ def dry_run(cfg):
             "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
             "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": data_fingerprint(tok, train_ex),
             "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
-    print(json.dumps(dataclasses.asdict(cfg)))
+    print(json.dumps(shown_config(cfg, model_args(cfg, tok))))
     print("dry run: " + json.dumps(plan))
     return plan
+
+
+# Which objectives a field's help prefix ("IFT: ...", "DPO/IPO/KTO: ...") names; SFT's options serve DFT too.
+_OBJECTIVE_TAGS = {"dft": {"SFT", "DFT"}}
+_ONPOLICY_FIELDS = ("sampling", "n_samples", "sample_batch_size", "temperature", "top_p", "max_new_tokens", "reward",
+                    "pairs", "pair_threshold", "replay_ratio", "rwr_temperature", "rwr_cap")
+
+
+def shown_config(cfg, args) -> dict:
+    """The config as it applies to this run, for the start-up print: the model's real shape (`args`: from
+    --init_from's config.json, or a random init sized to the tokenizer), and without the options of other
+    objectives, of the demo (with --data), or of sampling (without --onpolicy_every). trainer_state.pt keeps
+    the full config."""
+    out = dataclasses.asdict(cfg)
+    tags = _OBJECTIVE_TAGS.get(cfg.loss, {cfg.loss.upper()})
+    for name, h in flags.field_help(Config).items():
+        prefix = h.split(":")[0] if ":" in h[:30] else ""          # "IFT", "DPO/IPO/KTO reference", "demo only"
+        objectives = {w.upper() for w in prefix.removesuffix(" reference").split("/")} if prefix else set()
+        if (objectives & {"SFT", "IFT", "DPO", "IPO", "KTO", "ORPO", "SIMPO", "RWR"} and not objectives & tags) \
+                or (prefix == "pairs" and cfg.loss not in PAIRWISE) or (prefix == "demo only" and cfg.data) \
+                or (name in _ONPOLICY_FIELDS and not cfg.onpolicy_every):
+            out.pop(name, None)
+    out.update(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+               hidden_dim=args.hidden_dim, vocab_size=args.vocab_size)
+    return out
 
 
 def build_model(cfg, tok, device, fsdp_bf16=None):
@@ -652,7 +679,7 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
             print(f"{resume_from} is the end of this run (step {state['step']} of {total}): nothing to train")
         return {"checkpoint": resume_from, "step": state["step"], "finished": True}
     if rank == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
+        print(json.dumps(shown_config(cfg, parallel.unwrap(model).args)))
         tokens_per_step = gbs * sum(lengths) / len(lengths)
         mode = cfg.parallel if distributed else "single process"
         print(f"world {world} ({mode}) | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
@@ -739,7 +766,8 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
             tokens = float(vals[-1])
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = max(busy, 1e-9)
-            rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
+            rec = {"step": state["step"], "lr": lr, **({"lam": lam} if cfg.loss == "ift" else {}), "grad_norm": float(gnorm),
+                   "tok_s": tokens / dt, **acc}
             mfu = memplan.mfu(flops_tok, tokens, dt, peak, world)
             if mfu is not None:
                 rec["mfu"] = mfu

@@ -25,9 +25,11 @@ def last_json(stdout, key):
 def test_eval_only_needs_no_training_set_and_equals_the_end_of_training(tmp_path, tok_path):
     run = tmp_path / "run"
     five = f"--eval_data={HELD_OUT}:5"
-    p = train_py(SMALL + [f"--tokenizer={tok_path}", f"--data={CHAT}", five, "--micro_batch_size=8", "--max_steps=2",
-                          f"--out_dir={run}"], tmp_path)
+    bar_on = [a for a in SMALL if a != "--progress=false"]      # the default: bars, but only on a terminal
+    p = train_py(bar_on + [f"--tokenizer={tok_path}", f"--data={CHAT}", five, "--micro_batch_size=8", "--max_steps=2",
+                           f"--out_dir={run}"], tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
+    assert "tokenizing" not in p.stderr and "it/s" not in p.stderr     # a redirected log holds no bar redraws
     trained = last_json(p.stdout, "final_train_loss")
     work = tmp_path / "cwd"       # the default --out_dir would be work/out: eval-only must not create it
     work.mkdir()
@@ -88,3 +90,57 @@ def test_every_preset_writes_into_its_own_out_dir():
     dirs = {p: json.load(open(p)).get("out_dir") for p in glob.glob(os.path.join(ROOT, "configs", "*.json"))}
     assert all(d and d != "out" for d in dirs.values()), dirs       # never the demo's out/
     assert len(set(dirs.values())) == len(dirs), dirs
+
+
+def test_one_line_errors_and_helps_that_say_what_they_do():
+    def script(name, args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, name)] + args, env=ENV, capture_output=True,
+                              text=True, timeout=120, cwd=ROOT)
+    p = script("train.py", ["--lrr=1"])
+    assert p.returncode == 2 and p.stderr.strip() == \
+        "train.py: error: unrecognized arguments: --lrr=1 (did you mean --lr?); see --help"
+    p = script("memplan.py", ["--help"])
+    assert p.returncode == 0 and "Mistral-7B" in p.stdout and "|" not in p.stdout       # help, not the table
+    p = script("bench.py", ["--help"])
+    assert p.returncode == 0 and "--gpu" in p.stdout and "torch CPU threads" in p.stdout
+
+
+def test_start_up_prints_what_applies(tmp_path, tok_path, capsys):
+    import train
+    from model import ModelArgs
+    shape = ModelArgs(dim=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=320)
+    shown = train.shown_config(train.parse_config(["--loss=dpo", f"--data={CHAT}"]), shape)
+    assert (shown["dim"], shown["n_layers"], shown["vocab_size"]) == (64, 3, 320)      # the model's, not defaults
+    assert not {"lam", "gamma", "n_train", "n_eval", "gen_eval", "orpo_beta", "n_samples"} & set(shown)
+    assert {"beta", "ref"} <= set(shown)
+    shown = train.shown_config(train.parse_config([]), shape)
+    assert {"lam", "n_train", "gen_eval"} <= set(shown) and "beta" not in shown
+    # DPO's metrics carry no IFT lambda
+    train.main(SMALL + [f"--tokenizer={tok_path}", "--loss=dpo", "--n_train=16", "--n_eval=4", "--gen_eval=0",
+                        "--micro_batch_size=8", "--max_steps=1", f"--out_dir={tmp_path / 'dpo'}"])
+    recs = [json.loads(l) for l in open(tmp_path / "dpo" / "metrics.jsonl")]
+    assert recs and all("lam" not in r for r in recs)
+    # a trained tokenizer announces its real size (--vocab_size is an upper bound)
+    capsys.readouterr()
+    plan = train.cli([f"--data={CHAT}", "--vocab_size=2000", "--dry_run", "--micro_batch_size=4",
+                      f"--out_dir={tmp_path / 'tok'}"])
+    out = capsys.readouterr().out
+    assert "at most 2000 pieces" in out and f"tokenizer: {plan['tokenizer_vocab']} pieces" in out
+    assert plan["tokenizer_vocab"] < 2000
+
+
+def test_data_cache_follows_the_umask(tmp_path, tok_path):
+    import glob
+    import stat
+    import data
+    import tokcache
+    old = os.umask(0o022)
+    try:
+        tokcache.load(data.load_sft, CHAT, data.Tokenizer(tok_path), str(tmp_path / "cache"), 0, False, max_length=256)
+    finally:
+        os.umask(old)
+    paths = glob.glob(str(tmp_path / "cache" / "*")) + glob.glob(str(tmp_path / "cache" / "*" / "*"))
+    assert len(paths) >= 3
+    for p in paths:
+        mode = stat.S_IMODE(os.stat(p).st_mode)
+        assert mode & 0o044 == 0o044 and (not os.path.isdir(p) or mode & 0o011 == 0o011), (p, oct(mode))
