@@ -939,7 +939,8 @@ def main(argv=None):
         msgs, rejected = conversations(row, where)
         ids, labels = _render(where, tok, msgs, last_turn_only=a.last_turn_only, legacy=not a.non_legacy)
     except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)                  # a user error, as in train.py and eval_gen.py
     if a.json:
         print(json.dumps({"input_ids": ids, "labels": labels}))
         return

@@ -565,8 +565,8 @@ def main(argv=None):
 
 
 def cli(argv):
-    """main() for the command line: a checkpoint or data error is one line on stderr, exit code 2 (a
-    malformed task file already exits from main with its file:line); --debug keeps the traceback."""
+    """main() for the command line: a checkpoint, data or task-file error (file:line) is one line on stderr,
+    exit code 2; --debug keeps the traceback."""
     try:
         return main(argv)
     except (data.DataError, CheckpointError) as e:
@@ -574,6 +574,11 @@ def cli(argv):
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:         # sys.exit("error: ...") (a malformed task file): a user error, the same code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":
