@@ -144,3 +144,23 @@ def test_data_cache_follows_the_umask(tmp_path, tok_path):
     for p in paths:
         mode = stat.S_IMODE(os.stat(p).st_mode)
         assert mode & 0o044 == 0o044 and (not os.path.isdir(p) or mode & 0o011 == 0o011), (p, oct(mode))
+
+
+def test_dry_run_of_a_recipe_needs_no_weights(tmp_path, tok_path, capsys):
+    """config.json and the tokenizer are all --dry_run reads of the model directory (a 7B recipe's 14 GB of
+    safetensors need not be there), and it writes nothing."""
+    import shutil
+    import torch
+    import train
+    from model import ModelArgs
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    args = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000)
+    (model_dir / "config.json").write_text(json.dumps(args.to_hf_config(torch.bfloat16)))
+    shutil.copy(tok_path, model_dir / "tokenizer.model")
+    plan = train.cli(["--config=" + os.path.join(ROOT, "configs", "s2_sftbeta_ift.json"), f"--init_from={model_dir}",
+                      f"--data={CHAT}", "--split=", "--micro_batch_size=2", "--grad_accum=1", "--dry_run",
+                      f"--out_dir={tmp_path / 'out'}"])
+    assert plan["train_examples"] == 34 and plan["tokenizer_vocab"] == 320
+    assert '"dim": 4096' in capsys.readouterr().out          # the shape from config.json
+    assert not (tmp_path / "out").exists()
