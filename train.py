@@ -28,6 +28,7 @@ import flags
 import data
 import ift
 import interrupt
+import loggers
 import memplan
 import onpolicy
 import parallel
@@ -137,6 +138,9 @@ class Config:
     keep_last: int = 2              # checkpoints kept (the newest is never deleted)
     eval_every: int = 0             # held-out loss every N steps (0 = only at the end)
     log_every: int = 10             # metrics every N steps (a plain line when the bar is off or not a terminal)
+    log_to: str = ""                # also send metrics.jsonl's records to tensorboard | wandb | tensorboard,wandb
+                                    # (rank 0; loggers.py; each needs its package installed)
+    wandb_project: str = "nanoift"  # W&B project of --log_to=wandb (the run is named after out_dir)
     gen_eval: int = 100             # demo only: held-out generation exact match on this many prompts at the end
     progress: bool = True           # progress bars (only on a terminal)
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
@@ -174,6 +178,7 @@ def parse_config(argv) -> Config:
         sys.exit(f"error: --loss={cfg.loss} needs samples: set --onpolicy_every=K")
     if cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0 and cfg.reference_free:
         sys.exit(f"error: --kl_coef={cfg.kl_coef} needs a reference model: drop --reference_free (or set --kl_coef=0)")
+    loggers.check(cfg.log_to)          # a logger's missing package: one line now, not after the model loads
     if cfg.loss == "kto" and cfg.micro_batch_size < 2:
         sys.exit(f"error: --loss=kto needs --micro_batch_size >= 2 (its KL estimate pairs the rows of a "
                  f"micro-batch), got {cfg.micro_batch_size}")
@@ -367,6 +372,8 @@ def shown_config(cfg, args) -> dict:
                 or (prefix == "pairs" and cfg.loss not in PAIRWISE) or (prefix == "demo only" and cfg.data) \
                 or (name in _ONPOLICY_FIELDS and not cfg.onpolicy_every):
             out.pop(name, None)
+    if "wandb" not in cfg.log_to:
+        out.pop("wandb_project")
     out.update(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
                hidden_dim=args.hidden_dim, vocab_size=args.vocab_size)
     return out
@@ -697,6 +704,7 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         start_metrics(metrics_path, state["step"])
+    live = loggers.Loggers(cfg, rank, state["step"])     # --log_to: the same records, rank 0
     t_start, tokens, last_log, plan_epoch = time.time(), 0, {}, None
     busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
     flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
@@ -777,6 +785,7 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
                 rec.update(sampler.stats)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            live.log(rec)
             bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             if not show_bar:
@@ -792,14 +801,17 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
                 (bar.write if show_bar else print)(f"step {state['step']} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": state["step"], **ev}) + "\n")
+                live.log({"step": state["step"], **ev})
         periodic = cfg.save_every and state["step"] % cfg.save_every == 0
         if state["step"] < total and (periodic or save_due or stopping):
             path, last_save = save(state), time.time()
             if stopping:
                 bar.close()
+                live.close()
                 return {"checkpoint": path, "step": state["step"], "total": total,
                         "exit_code": interrupt.EXIT_CODES[stopping], "interrupted": interrupt.signal_name(stopping)}
     bar.close()
+    live.close()
     path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
     summary.update(final_eval(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,

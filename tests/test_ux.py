@@ -164,3 +164,33 @@ def test_dry_run_of_a_recipe_needs_no_weights(tmp_path, tok_path, capsys):
     assert plan["train_examples"] == 34 and plan["tokenizer_vocab"] == 320
     assert '"dim": 4096' in capsys.readouterr().out          # the shape from config.json
     assert not (tmp_path / "out").exists()
+
+
+def test_tensorboard_gets_the_records_of_metrics_jsonl(tmp_path, tok_path, capsys):
+    import importlib.util
+    import glob
+    import pytest
+    import train
+    if importlib.util.find_spec("wandb") is None:     # a logger without its package: one line, nothing written
+        err = refused(SMALL + [f"--tokenizer={tok_path}", "--log_to=wandb", f"--out_dir={tmp_path / 'x'}"], capsys)
+        assert "--log_to=wandb needs the wandb package: pip install wandb" in err and not (tmp_path / "x").exists()
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = tmp_path / "run"
+    train.main(SMALL + [f"--tokenizer={tok_path}", "--n_train=32", "--n_eval=8", "--gen_eval=0", "--micro_batch_size=8",
+                        "--max_steps=4", "--eval_every=2", "--log_to=tensorboard", f"--out_dir={out}"])
+    recs = [json.loads(l) for l in open(out / "metrics.jsonl")]
+    want = {}
+    for r in recs:
+        for k, v in r.items():
+            if k != "step":
+                want.setdefault(k, []).append((r["step"], v))
+    (events,) = glob.glob(str(out / "tensorboard" / "events.out.tfevents.*"))
+    acc = EventAccumulator(events)
+    acc.Reload()
+    assert set(acc.Tags()["scalars"]) == set(want) and "eval/loss" in want and "loss" in want
+    import numpy as np
+    for k, series in want.items():
+        got = [(e.step, e.value) for e in acc.Scalars(k)]
+        assert [s for s, _ in got] == [s for s, _ in series], k
+        assert all(g == np.float32(v) for (_, g), (_, v) in zip(got, series)), k     # event files hold float32
