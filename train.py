@@ -292,8 +292,9 @@ def load_eval_only(cfg, rank):
         sys.exit(f"error: tokenizer: {e}")
     check_vocab(cfg, tok)
     load = data.load_pairs if pairwise else data.load_sft
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
-        if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+              prompt_from_chosen=cfg.prompt_from_chosen) if pairwise else \
+        dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
     evals, stats = load(src, tok, split=cfg.eval_split, empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts,
                         progress=cfg.progress and rank == 0, **kw)
     if rank == 0:
@@ -774,8 +775,8 @@ def train(cfg, rank, gpu, world, distributed, stop=None):
             tokens = float(vals[-1])
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = max(busy, 1e-9)
-            rec = {"step": state["step"], "lr": lr, **({"lam": lam} if cfg.loss == "ift" else {}), "grad_norm": float(gnorm),
-                   "tok_s": tokens / dt, **acc}
+            rec = {"step": state["step"], "lr": lr, **({"lam": lam} if cfg.loss == "ift" else {}),
+                   "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
             mfu = memplan.mfu(flops_tok, tokens, dt, peak, world)
             if mfu is not None:
                 rec["mfu"] = mfu
