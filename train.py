@@ -355,6 +355,7 @@ def dry_run(cfg):
 
 # Which objectives a field's help prefix ("IFT: ...", "DPO/IPO/KTO: ...") names; SFT's options serve DFT too.
 _OBJECTIVE_TAGS = {"dft": {"SFT", "DFT"}}
+_OBJECTIVE_NAMES = {"SFT", "IFT", "DPO", "IPO", "KTO", "ORPO", "SIMPO", "RWR", "PPO", "GRPO"}
 _ONPOLICY_FIELDS = ("sampling", "n_samples", "sample_batch_size", "temperature", "top_p", "max_new_tokens", "reward",
                     "pairs", "pair_threshold", "replay_ratio", "rwr_temperature", "rwr_cap")
 
@@ -369,7 +370,7 @@ def shown_config(cfg, args) -> dict:
     for name, h in flags.field_help(Config).items():
         prefix = h.split(":")[0] if ":" in h[:30] else ""          # "IFT", "DPO/IPO/KTO reference", "demo only"
         objectives = {w.upper() for w in prefix.removesuffix(" reference").split("/")} if prefix else set()
-        if (objectives & {"SFT", "IFT", "DPO", "IPO", "KTO", "ORPO", "SIMPO", "RWR"} and not objectives & tags) \
+        if (objectives & _OBJECTIVE_NAMES and not objectives & tags) \
                 or (prefix == "pairs" and cfg.loss not in PAIRWISE) or (prefix == "demo only" and cfg.data) \
                 or (name in _ONPOLICY_FIELDS and not cfg.onpolicy_every):
             out.pop(name, None)
