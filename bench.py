@@ -4,6 +4,7 @@ timed test.
   python bench.py                       # all CPU sections
   python bench.py --only=model,ift      # model | ift | train | eval | sample | scale
   BENCH_SCALE_ROWS=200000 python bench.py --only=scale   # start-up at scale (default 20,000 rows)
+  python bench.py --gpu                 # the one prepared GPU run (bench_gpu.py; --gpu --help for its options)
 """
 import argparse
 import contextlib
@@ -300,9 +301,12 @@ def main():
     if "--gpu" in sys.argv[1:]:        # the GPU benchmark is its own module: python bench.py --gpu [--tiny] [--budget_s=N]
         import bench_gpu
         return bench_gpu.main([a for a in sys.argv[1:] if a != "--gpu"])
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="model,ift,train,eval,sample")
-    ap.add_argument("--threads", type=int, default=2)
+    import flags
+    ap = flags.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                      epilog="--gpu: the prepared GPU run instead (bench_gpu.py; python bench.py --gpu --help)")
+    ap.add_argument("--only", default="model,ift,train,eval,sample",
+                    help="comma-separated sections: model, ift, train, eval, sample, scale (default: all but scale)")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
     ap.add_argument("--step_child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--scale_child", nargs=4, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()

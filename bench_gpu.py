@@ -20,7 +20,7 @@ Sections, in this order (each timed; a failure is recorded with its error and th
   torchrun  train.py under torchrun --nproc_per_node=1, --parallel=fsdp and ddp, every objective (offline and
             on-policy), tiny model, a few steps each: pass/fail per run
   generate  7B-shaped random model in bf16: decode tok/s at batch 1 and 16 (eager, and compiled when
-            Transformer.generate takes compile=) vs the bandwidth bound; prefill tok/s
+            compiled) vs the bandwidth bound; prefill tok/s
   eval      eval_gen.generate_all over 1,172 ARC-length random prompts, <= 100 new tokens: the first batch
             (compile + warm-up) apart from the steady batches, and the steady time of all 1,172 prompts
 

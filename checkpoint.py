@@ -203,7 +203,7 @@ def objective_mismatch(saved_cfg: dict, cfg):
 
 # Settings that may differ on resume without a word: where output goes and how it is shown.
 QUIET = {"resume", "overwrite", "eval_only", "dry_run", "out_dir", "progress", "log_every", "eval_every", "save_every",
-         "keep_last", "gen_eval", "dist_timeout_s", "config"}
+         "save_every_min", "keep_last", "gen_eval", "dist_timeout_s", "config", "log_to", "wandb_project"}
 
 
 def resume_warnings(state: dict, cfg, data_fp: str) -> list:

@@ -4,7 +4,6 @@ truncation, padding, a deterministic length-grouped sharded batch plan, and the 
 Tokenizers and chat rendering are tokenizer.py. Show what the model will be trained on:
     python data.py --tokenizer CHECKPOINT_DIR_OR_TOKENIZER_FILE --data FILE [--index N] [--json]
 """
-import argparse
 import glob
 import json
 import os
@@ -231,6 +230,19 @@ def read_rows(path, split=""):
     return [r for _, r in rows]
 
 
+def check_rows(spec, split="", pairwise=False, prompt_from_chosen=False) -> bool:
+    """Every row of a --data value read and checked as the objective will load it (pairwise: chosen and
+    rejected with one prompt); an error names file:line and the field. True if the rows hold preference pairs
+    that a non-pairwise objective would train on by their chosen side."""
+    chosen_only = False
+    for where, row in read_source(os.fspath(spec), split)[0]:
+        if pairwise:
+            _pair(row, where, prompt_from_chosen)
+        else:
+            chosen_only |= conversations(row, where)[1] is not None
+    return chosen_only
+
+
 def _render(where, tok, msgs, **kw):
     try:
         return render_chat(tok, msgs, **kw)
@@ -240,8 +252,9 @@ def _render(where, tok, msgs, **kw):
 
 # ---------------------------------------------------------------------------- examples
 def _progress(items, on, desc):
-    """items, through a tqdm bar when `on` (tokenizing 200k conversations takes minutes)."""
-    if not on:
+    """items, through a tqdm bar when `on` and stderr is a terminal (tokenizing 200k conversations takes
+    minutes; a redirected log would only collect the bar's redraws)."""
+    if not on or not sys.stderr.isatty():
         return items
     from tqdm import tqdm
     return tqdm(items, desc=desc, unit=" rows", dynamic_ncols=True, leave=False)
@@ -474,7 +487,7 @@ def show(tok, ids, labels):
 
 def main(argv=None):
     import flags
-    ap = argparse.ArgumentParser(description="Show one row as the model will be trained on it (the "
+    ap = flags.Parser(description="Show one row as the model will be trained on it (the "
                                  "tokenizer's chat template, or Zephyr; supervised spans between ⟦ ⟧; "
                                  "preference rows: the chosen side).")
     ap.add_argument("--tokenizer", required=True, help="checkpoint directory, tokenizer.json or tokenizer.model")
@@ -496,7 +509,8 @@ def main(argv=None):
         msgs, rejected = conversations(row, where)
         ids, labels = _render(where, tok, msgs, last_turn_only=a.last_turn_only, legacy=not a.non_legacy)
     except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)                  # a user error, as in train.py and eval_gen.py
     if a.json:
         print(json.dumps({"input_ids": ids, "labels": labels}))
         return

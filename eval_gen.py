@@ -39,13 +39,15 @@ lm_eval/api/task.py, decoding in lm_eval/models/huggingface.py generate_until):
   Deviations: (a) 3 choices: the harness still says "four ... (A, B, C and D)"; 5 choices: it hides
   E (an E answer can never score). We show every choice and adapt the count and both letter lists
   ("five candidate answers (A, B, C, D and E)", "one of A, B, C, D or E"); 4 choices: identical text.
+  --harness_four_choices keeps the harness's fixed text (and hides E) instead.
   (b) BOS first, as the model was trained. This matches the harness for Mistral's and Zephyr's
   tokenizers: their tokenizer_config says add_bos_token: true and HFLM then feeds BOS too. --no_bos
-  drops it: what the harness does with a tokenizer that adds no BOS.
+  drops it: what the harness does with a tokenizer that adds no BOS. Only a BOS the tokenizer adds is
+  dropped, never template text (ChatML's <|im_start|> is SmolLM2's BOS token, and stays).
   (c) the harness's YAML writes the prompt in single quotes, so its model sees a literal backslash-n
   (two characters) in six places (after "answer.", after the question, after each choice) where we
   send real newlines; --harness_literal_newlines reproduces that byte for byte (4-choice questions;
-  3- and 5-choice ones keep (a)).
+  3- and 5-choice ones too with --harness_four_choices).
   Pre-fill tokens: after the last EOS the text "\\n<|assistant|>\\nThe best answer is" is ONE piece,
   one sentencepiece call (what HF's legacy tokenizer does with the harness's string), so
   "The" follows "\\n" with no "▁" (Mistral: 1014 "The", not 415 "▁The").
@@ -162,27 +164,35 @@ def letter_list(n, last):
     return ", ".join(LETTERS[:n - 1]) + f" {last} " + LETTERS[n - 1]
 
 
-def arc_user_message(q, literal_newlines=False):
-    """literal_newlines: a backslash and an "n" where the harness's single-quoted YAML has them."""
+def arc_user_message(q, literal_newlines=False, four_choices=False):
+    """literal_newlines: a backslash and an "n" where the harness's single-quoted YAML has them.
+    four_choices: the YAML's fixed wording, "four candidate answers (A, B, C and D)", whatever the count; its
+    lines A-C always (an absent choice renders empty, as Jinja does), D when there is a 4th, never an E."""
     n, nl = len(q["choices"]), "\\n" if literal_newlines else "\n"
-    lines = "".join(f"{LETTERS[i]}. {t}{nl}" for i, t in enumerate(q["choices"]))
+    shown = list(q["choices"])
+    if four_choices:
+        shown, n = (shown + ["", ""])[:max(3, min(len(shown), 4))], 4
+    lines = "".join(f"{LETTERS[i]}. {t}{nl}" for i, t in enumerate(shown))
     return (f"Given the following question and {NUMBER_WORDS[n]} candidate answers ({letter_list(n, 'and')}), "
             f"choose the best answer.{nl}Question: {q['stem'].strip()}{nl}{lines}Your response should end with "
             f"\"The best answer is [the_answer_letter]\" where the [the_answer_letter] is one of {letter_list(n, 'or')}.")
 
 
-def arc_messages(q, literal_newlines=False):
-    return [{"role": "user", "content": arc_user_message(q, literal_newlines)}, {"role": "assistant", "content": ARC_PREFILL}]
+def arc_messages(q, literal_newlines=False, four_choices=False):
+    return [{"role": "user", "content": arc_user_message(q, literal_newlines, four_choices)},
+            {"role": "assistant", "content": ARC_PREFILL}]
 
 
-def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False):
+def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False, four_choices=False):
     """[user message] through the Zephyr template, assistant turn pre-filled. render_chat ends with
     the piece "\\n<|assistant|>\\n"; swap it for the one-call encoding of that piece + the pre-fill.
-    A tokenizer with its own chat template: the pre-fill continued as transformers does it."""
+    A tokenizer with its own chat template: the pre-fill continued as transformers does it. bos=False drops
+    only a BOS the tokenizer itself adds (Llama-3's), never the template's own first token (SmolLM2's BOS is
+    ChatML's <|im_start|>: dropping it would send "system\\n..." that no harness ever sends)."""
     if getattr(tok, "chat_template", None) is not None:
-        ids, _ = tokenizer.render_chat(tok, arc_messages(q, literal_newlines), continue_final_message=True)
-        return ids[1:] if not bos and ids[:1] == [tok.bos_id] else ids
-    ids, _ = tokenizer.render_chat(tok, [{"role": "user", "content": arc_user_message(q, literal_newlines)}],
+        ids, _ = tokenizer.render_chat(tok, arc_messages(q, literal_newlines, four_choices), continue_final_message=True)
+        return ids[1:] if not bos and tok.add_bos and ids[:1] == [tok.bos_id] else ids
+    ids, _ = tokenizer.render_chat(tok, [{"role": "user", "content": arc_user_message(q, literal_newlines, four_choices)}],
                               add_generation_prompt=True, legacy=legacy)
     head = tok.encode("\n<|assistant|>\n", dummy_prefix=legacy)
     tail = tok.encode("\n<|assistant|>\n" + ARC_PREFILL, dummy_prefix=legacy)
@@ -192,10 +202,10 @@ def arc_gen_prompt(tok, q, legacy=True, bos=True, literal_newlines=False):
     return ids if bos else ids[1:]
 
 
-def arc_prompt_text(q, tok=None, literal_newlines=False):
+def arc_prompt_text(q, tok=None, literal_newlines=False, four_choices=False):
     if getattr(tok, "chat_template", None) is not None:
-        return tok.render_text(arc_messages(q, literal_newlines), continue_final_message=True)
-    return tokenizer.chat_text([{"role": "user", "content": arc_user_message(q, literal_newlines)}],
+        return tok.render_text(arc_messages(q, literal_newlines, four_choices), continue_final_message=True)
+    return tokenizer.chat_text([{"role": "user", "content": arc_user_message(q, literal_newlines, four_choices)}],
                           add_generation_prompt=True) + ARC_PREFILL
 
 
@@ -365,8 +375,8 @@ def decode_gen(tok, gen):
 
 # ------------------------------------------------------------------------------------------ tasks
 def run_arc_gen(model, tok, questions, *, batch_size=1, max_new_tokens=100, legacy=True, bos=True,
-                early_stop=True, literal_newlines=False, compile=False, progress=None, **_):
-    prompts = [arc_gen_prompt(tok, q, legacy, bos, literal_newlines)[-max_context(model, max_new_tokens):]
+                early_stop=True, literal_newlines=False, four_choices=False, compile=False, progress=None, **_):
+    prompts = [arc_gen_prompt(tok, q, legacy, bos, literal_newlines, four_choices)[-max_context(model, max_new_tokens):]
                for q in questions]
     stop_ids = stop_token_ids(tok, ARC_STOPS) if early_stop else [tok.eos_id]
     stop_fn = stop_string_fn(tok, ARC_STOPS) if early_stop else None
@@ -377,7 +387,7 @@ def run_arc_gen(model, tok, questions, *, batch_size=1, max_new_tokens=100, lega
         gold, letter = LETTERS[q["gold"]], arc_lenient(text, len(q["choices"]))
         response, correct = arc_strict(alone, gold)
         records.append({"idx": q["idx"], "id": q["id"], "n_choices": len(q["choices"]),
-                        "prompt": arc_prompt_text(q, tok, literal_newlines),
+                        "prompt": arc_prompt_text(q, tok, literal_newlines, four_choices),
                         "generation": text, "response": response, "extracted": letter, "gold": gold,
                         "correct": correct, "lenient_correct": letter == gold, "invalid": letter is None,
                         "new_tokens": len(g)})
@@ -514,6 +524,9 @@ def parse_args(argv):
                    help="no BOS (the harness with a tokenizer that adds none; Mistral's/Zephyr's add one)")
     flags.add_bool(ap, "--harness_literal_newlines",
                    help="arc_gen: backslash-n (two characters) where the harness's single-quoted YAML has it")
+    flags.add_bool(ap, "--harness_four_choices",
+                   help="arc_gen: the harness's fixed 'four candidate answers (A, B, C and D)' text for 3- and 5-choice "
+                        "questions too (a 5th choice is not shown); with --harness_literal_newlines: its prompt exactly")
     flags.add_bool(ap, "--compile", help="torch.compile the decode step (CUDA graphs on CUDA)")
     flags.add_bool(ap, "--non_legacy", help="template without the '▁' after each EOS")
     args = ap.parse_args(argv)
@@ -547,7 +560,8 @@ def main(argv=None):
         records = TASKS[args.task](model, tok, mine, pool=pool, num_fewshot=args.num_fewshot, seed=args.seed,
                                    batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                                    bos=not args.no_bos, legacy=not args.non_legacy, device=device, progress=bar,
-                                   literal_newlines=args.harness_literal_newlines, compile=args.compile)
+                                   literal_newlines=args.harness_literal_newlines,
+                                   four_choices=args.harness_four_choices, compile=args.compile)
         bar.close()
     except TaskDataError as e:
         raise SystemExit(f"error: {e}")
@@ -559,7 +573,8 @@ def main(argv=None):
         s.update({k: getattr(args, k) for k in ("model", "data", "fewshot_data", "num_fewshot", "seed", "limit",
                                                 "batch_size", "max_new_tokens", "dtype")},
                  world_size=world, device=str(device), bos=not args.no_bos, legacy=not args.non_legacy,
-                 harness_literal_newlines=args.harness_literal_newlines, compile=args.compile)
+                 harness_literal_newlines=args.harness_literal_newlines,
+                 harness_four_choices=args.harness_four_choices, compile=args.compile)
         write_atomic(os.path.join(args.out, f"{args.task}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
@@ -568,8 +583,8 @@ def main(argv=None):
 
 
 def cli(argv):
-    """main() for the command line: a checkpoint or data error is one line on stderr, exit code 2 (a
-    malformed task file already exits from main with its file:line); --debug keeps the traceback."""
+    """main() for the command line: a checkpoint, data or task-file error (file:line) is one line on stderr,
+    exit code 2; --debug keeps the traceback."""
     try:
         return main(argv)
     except (data.DataError, CheckpointError) as e:
@@ -577,6 +592,11 @@ def cli(argv):
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:         # sys.exit("error: ...") (a malformed task file): a user error, the same code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
 
 
 if __name__ == "__main__":

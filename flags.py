@@ -6,8 +6,22 @@ the source, so the config's comments are the reference.
 """
 import argparse
 import dataclasses
+import difflib
 import inspect
 import re
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: a mistyped option gets its nearest real name, not the whole usage."""
+
+    def error(self, message):
+        hint = ""
+        typo = re.match(r"unrecognized arguments: (\S+)", message)
+        if typo:
+            names = [o.lstrip("-") for a in self._actions for o in a.option_strings if a.help != argparse.SUPPRESS]
+            near = difflib.get_close_matches(typo.group(1).split("=")[0].lstrip("-"), names, n=1)
+            hint = f" (did you mean --{near[0]}?)" if near else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}; see --help\n")
 
 
 def to_bool(s) -> bool:
@@ -48,8 +62,8 @@ def field_help(cls) -> dict:
 def dataclass_parser(cls, description="", choices=None, epilog=None) -> argparse.ArgumentParser:
     """A parser over cls's fields. Values absent from the command line are absent from the namespace
     (argparse.SUPPRESS), so a caller can layer presets under what the user typed."""
-    ap = argparse.ArgumentParser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    ap = Parser(description=description, epilog=epilog, argument_default=argparse.SUPPRESS,
+                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     helps, choices = field_help(cls), choices or {}
     for f in dataclasses.fields(cls):
         h = f"{helps.get(f.name, '')} (default: {f.default!r})".strip()

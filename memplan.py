@@ -207,4 +207,6 @@ def main():
 
 
 if __name__ == "__main__":
+    import flags
+    flags.Parser(description=main.__doc__).parse_args()     # --help says what this prints; no options
     main()

@@ -13,6 +13,7 @@ Two things make the cached values equal to what a frozen reference would give *i
 import hashlib
 import json
 import os
+import sys
 
 import numpy as np
 import torch
@@ -31,17 +32,18 @@ def reference_logps(ref_model, batch):
 
 def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, world, progress=True):
     """[N, 3] table (chosen, rejected, KTO KL row) of summed reference log-probs, read from `path` if
-    cached there. `batches`: this rank's lists of example indices (None = a dummy forward that keeps the
+    cached there (path None: computed, never cached). `batches`: this rank's lists of example indices (None = a dummy forward that keeps the
     ranks in step). Rank 0 writes the cache (temp file + rename)."""
     # Rank 0's view decides (a shared filesystem may show the file to some ranks only; ranks that skipped
     # the forwards would leave the others alone in FSDP2's all-gathers), and rank 0 reads it for everyone.
-    if parallel.broadcast_object(os.path.isfile(path)):
+    if path is not None and parallel.broadcast_object(os.path.isfile(path)):
         return parallel.broadcast_object(torch.load(path, weights_only=True) if rank == 0 else None)
     from tqdm import tqdm
     out = torch.zeros(len(examples), 3, device=device)
     was_training = model.training
     model.eval()
-    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0 or not progress, leave=False):
+    for c in tqdm(batches, desc="reference log-probs", disable=rank != 0 or not progress or not sys.stderr.isatty(),
+                  leave=False):
         b = data.to_device(data.pair_batch(examples, c if c is not None else [0], pad_id, kto), device)
         with ctx:
             r = reference_logps(model, b).float()
@@ -54,7 +56,7 @@ def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, w
             out[idx, 2] = r[2 * n:]
     model.train(was_training)
     out = parallel.all_reduce(out).cpu()      # each row was filled by exactly one rank: x + 0 = x exactly
-    if rank == 0:
+    if rank == 0 and path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}"
         torch.save(out, tmp)

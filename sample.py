@@ -60,7 +60,8 @@ def main(argv=None):
         tok = tokenizer.load_tokenizer(path)
         model = hf_io.load_model(path, dtype=dtype, device=device).eval()
     except (CheckpointError, OSError, ValueError, ImportError) as e:
-        raise SystemExit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None      # a user error: the code train.py and eval_gen.py use
     texts, prompts = prompts_of(cfg, tok)
     rows = [(j, i) for j in range(len(prompts)) for i in range(cfg.num_samples)]
     outs = generate(model, [prompts[j] for j, _ in rows], cfg.max_new_tokens, temperature=cfg.temperature,

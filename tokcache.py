@@ -109,6 +109,9 @@ def write(d, kind, examples, stats):
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"version": VERSION, "kind": kind, "stats": stats}, f)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)     # mkdtemp made it 0700: the cache follows the umask like any file
         os.rename(tmp, d)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,6 +28,8 @@ import data
 import flags
 import hf_io
 import ift
+import interrupt
+import loggers
 import memplan
 import onpolicy
 import parallel
@@ -129,12 +131,18 @@ class Config:
     out_dir: str = "out"            # checkpoints, metrics.jsonl, caches
     resume: bool = False            # continue from the newest checkpoint in out_dir
     overwrite: bool = False         # start a new run in an out_dir that holds another run's checkpoints
-    eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint); no training
+    eval_only: bool = False         # evaluate init_from (or, with --resume, out_dir's newest checkpoint) on --eval_data
+                                    # (neither --data nor --eval_data: the demo's held-out rows); writes nothing
     dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # checkpoint every N steps (0 = only at the end)
+    save_every_min: float = 30.0    # also checkpoint when this many minutes passed since the last one (0 = off): a
+                                    # kill loses at most that; SIGINT/SIGTERM save at once (interrupt.py)
     keep_last: int = 2              # checkpoints kept (the newest is never deleted)
     eval_every: int = 0             # held-out loss every N steps (0 = only at the end)
     log_every: int = 10             # metrics every N steps (a plain line when the bar is off or not a terminal)
+    log_to: str = ""                # also send metrics.jsonl's records to tensorboard | wandb | tensorboard,wandb
+                                    # (rank 0; loggers.py; each needs its package installed)
+    wandb_project: str = "nanoift"  # W&B project of --log_to=wandb (the run is named after out_dir)
     gen_eval: int = 100             # demo only: held-out generation exact match on this many prompts at the end
     progress: bool = True           # progress bars (only on a terminal)
     dist_timeout_s: int = 3600      # process-group timeout: must outlast rank 0 writing a checkpoint alone
@@ -172,6 +180,7 @@ def parse_config(argv) -> Config:
         sys.exit(f"error: --loss={cfg.loss} needs samples: set --onpolicy_every=K")
     if cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0 and cfg.reference_free:
         sys.exit(f"error: --kl_coef={cfg.kl_coef} needs a reference model: drop --reference_free (or set --kl_coef=0)")
+    loggers.check(cfg.log_to)          # a logger's missing package: one line now, not after the model loads
     if cfg.loss == "kto" and cfg.micro_batch_size < 2:
         sys.exit(f"error: --loss=kto needs --micro_batch_size >= 2 (its KL estimate pairs the rows of a "
                  f"micro-batch), got {cfg.micro_batch_size}")
@@ -201,6 +210,8 @@ def load_data(cfg, rank, use_cache=True):
     named after what it was trained on. The vocabulary is checked against the model before tokenizing.
     --data is tokenized once and cached (tokcache; not by --dry_run, which writes nothing)."""
     pairwise = cfg.loss in PAIRWISE
+    if cfg.eval_only:
+        return load_eval_only(cfg, rank)
     if cfg.data:
         train_src, eval_src, demo = cfg.data, cfg.eval_data or None, None
     else:  # demo: synthetic rows, deterministic from the seed
@@ -214,9 +225,11 @@ def load_data(cfg, rank, use_cache=True):
         if rank == 0 and not os.path.isfile(tok_path):
             os.makedirs(cfg.out_dir, exist_ok=True)
             text = data.corpus_text(rows if not cfg.data else [r for _, r in data.read_source(cfg.data, cfg.split)[0]])
-            print(f"training a {cfg.vocab_size}-piece sentencepiece tokenizer on the training text -> {tok_path}")
+            print(f"training a sentencepiece tokenizer of at most {cfg.vocab_size} pieces (--vocab_size) on the "
+                  f"training text -> {tok_path}")
             try:
-                tokenizer.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size)
+                pieces = tokenizer.train_tokenizer(text, tok_path[:-len(".model")], cfg.vocab_size).vocab_size
+                print(f"tokenizer: {pieces} pieces")
             except RuntimeError as e:   # sentencepiece's own words, e.g. a vocabulary smaller than the characters
                 sys.exit(f"error: cannot train a {cfg.vocab_size}-piece tokenizer on {cfg.data or 'the demo data'} "
                          f"(--vocab_size; its 256 byte pieces come first): {str(e).splitlines()[-1]}")
@@ -242,6 +255,56 @@ def load_data(cfg, rank, use_cache=True):
     if not train:
         sys.exit("error: no training example left after truncation")
     return tok, train, evals, demo
+
+
+def check_inputs(cfg, rank):
+    """Every row of --data and --eval_data, checked against --loss before anything is written (out_dir, a
+    tokenizer trained on the data, the data cache), on every rank alike: an error names file:line and the
+    field. A non-pairwise objective on preference rows trains on their chosen answers: said once per file."""
+    for spec, split in ((cfg.data, cfg.split), (cfg.eval_data, cfg.eval_split)):
+        if spec and data.check_rows(spec, split, cfg.loss in PAIRWISE, cfg.prompt_from_chosen) and rank == 0:
+            print(f"note: {spec} holds preference pairs: --loss={cfg.loss} trains on their chosen answers "
+                  f"(the rejected ones are not used)")
+
+
+def load_eval_only(cfg, rank):
+    """--eval_only: the tokenizer and the held-out rows only (--eval_data, else the demo's when no --data is
+    given either); no training set, no batch plan, no data cache (eval-only writes nothing)."""
+    pairwise = cfg.loss in PAIRWISE
+    demo = None
+    if cfg.eval_data:
+        src = cfg.eval_data
+    elif cfg.data:
+        sys.exit("error: --eval_only evaluates --eval_data (--data is a training set): pass --eval_data=FILE")
+    else:
+        rows = data.synthetic_pairs(cfg.n_train + cfg.n_eval, cfg.seed) if pairwise else \
+            data.synthetic_task(cfg.n_train + cfg.n_eval, cfg.seed)
+        src = demo = rows[cfg.n_train:]
+        if rank == 0:
+            print(f"--eval_only without --eval_data: evaluating the built-in demo task's {cfg.n_eval} held-out rows")
+    tok_path = cfg.tokenizer or cfg.init_from
+    if not tok_path:     # --resume: the tokenizer saved with out_dir's newest checkpoint
+        found = checkpoint.list_checkpoints(cfg.out_dir) if cfg.resume else []
+        if not found:
+            sys.exit("error: --eval_only needs a model: --init_from=CHECKPOINT (or --resume in a run's --out_dir)")
+        tok_path = found[-1]
+    try:
+        tok = tokenizer.load_tokenizer(tok_path)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: tokenizer: {e}")
+    check_vocab(cfg, tok)
+    load = data.load_pairs if pairwise else data.load_sft
+    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+              prompt_from_chosen=cfg.prompt_from_chosen) if pairwise else \
+        dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    evals, stats = load(src, tok, split=cfg.eval_split, empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts,
+                        progress=cfg.progress and rank == 0, **kw)
+    if rank == 0:
+        stats.pop("sources", None)
+        print(f"data: {len(evals)} eval examples from {cfg.eval_data or 'the demo task'}; {stats}")
+    if not evals:
+        sys.exit(f"error: no held-out example left in {cfg.eval_data or 'the demo rows'} after truncation")
+    return tok, [], evals, demo
 
 
 def check_vocab(cfg, tok):
@@ -275,6 +338,7 @@ def dry_run(cfg):
     world = int(os.environ.get("WORLD_SIZE", 1))
     if cfg.init_from:
         cfg.init_from = checkpoint.resolve_model(cfg.init_from)
+    check_inputs(cfg, 0)
     tok, train_ex, eval_ex, _ = load_data(cfg, 0, use_cache=False)
     lengths = example_lengths(train_ex)
     steps = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, 0, cfg.seed, 0))
@@ -285,9 +349,37 @@ def dry_run(cfg):
             "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
             "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": refcache.data_fingerprint(tok, train_ex),
             "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
-    print(json.dumps(dataclasses.asdict(cfg)))
+    print(json.dumps(shown_config(cfg, model_args(cfg, tok))))
     print("dry run: " + json.dumps(plan))
     return plan
+
+
+# Which objectives a field's help prefix ("IFT: ...", "DPO/IPO/KTO: ...") names; SFT's options serve DFT too.
+_OBJECTIVE_TAGS = {"dft": {"SFT", "DFT"}}
+_OBJECTIVE_NAMES = {"SFT", "IFT", "DPO", "IPO", "KTO", "ORPO", "SIMPO", "RWR", "PPO", "GRPO"}
+_ONPOLICY_FIELDS = ("sampling", "n_samples", "sample_batch_size", "temperature", "top_p", "max_new_tokens", "reward",
+                    "pairs", "pair_threshold", "replay_ratio", "rwr_temperature", "rwr_cap")
+
+
+def shown_config(cfg, args) -> dict:
+    """The config as it applies to this run, for the start-up print: the model's real shape (`args`: from
+    --init_from's config.json, or a random init sized to the tokenizer), and without the options of other
+    objectives, of the demo (with --data), or of sampling (without --onpolicy_every). trainer_state.pt keeps
+    the full config."""
+    out = dataclasses.asdict(cfg)
+    tags = _OBJECTIVE_TAGS.get(cfg.loss, {cfg.loss.upper()})
+    for name, h in flags.field_help(Config).items():
+        prefix = h.split(":")[0] if ":" in h[:30] else ""          # "IFT", "DPO/IPO/KTO reference", "demo only"
+        objectives = {w.upper() for w in prefix.removesuffix(" reference").split("/")} if prefix else set()
+        if (objectives & _OBJECTIVE_NAMES and not objectives & tags) \
+                or (prefix == "pairs" and cfg.loss not in PAIRWISE) or (prefix == "demo only" and cfg.data) \
+                or (name in _ONPOLICY_FIELDS and not cfg.onpolicy_every):
+            out.pop(name, None)
+    if "wandb" not in cfg.log_to:
+        out.pop("wandb_project")
+    out.update(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, n_kv_heads=args.n_kv_heads,
+               hidden_dim=args.hidden_dim, vocab_size=args.vocab_size)
+    return out
 
 
 def build_model(cfg, tok, device, fsdp_bf16=None):
@@ -430,7 +522,7 @@ def reference_tables(cfg, model, keys, train_ex, eval_ex, plans0, pad_id, device
     tables = []
     for ex, key, batches in ((train_ex, keys[0], refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
                              (eval_ex, keys[1], refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
-        path = os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
+        path = None if cfg.eval_only else os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
         tables.append(refcache.precompute(parallel.unwrap(model), ex, batches, pad_id, kto, device, ctx, path, rank,
                                           world, cfg.progress) if ex else None)
     return tables
@@ -493,26 +585,38 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
     return float(hits[0] / hits[1].clamp(min=1)), example
 
 
-def global_flag(bad, device) -> bool:
-    """True on every rank if any rank saw `bad` (a bool or a bool tensor on the device; one tiny all-reduce and
-    one host sync per call: all ranks then stop together)."""
-    flag = torch.as_tensor(bad, device=device).to(torch.float32).reshape(1)
-    return bool(parallel.all_reduce(flag, dist.ReduceOp.MAX)[0] > 0)
+def global_max(values, device) -> list:
+    """[the largest rank's value i] for small ints, bools or bool tensors on the device: one tiny all-reduce and
+    one host sync, after which all ranks act alike (stop, save)."""
+    vals = torch.stack([torch.as_tensor(v, device=device).to(torch.float32).reshape(()) for v in values])
+    return [int(v) for v in parallel.all_reduce(vals, dist.ReduceOp.MAX).tolist()]
 
 
 # ---------------------------------------------------------------------------- the loop
 def main(argv=None):
     cfg = parse_config(sys.argv[1:] if argv is None else argv)
     rank, gpu, world, distributed = parallel.setup(cfg.dist_timeout_s)
-    out = train(cfg, rank, gpu, world, distributed)
+    with interrupt.StopRequest(verbose=rank == 0) as stop:
+        out = train(cfg, rank, gpu, world, distributed, stop)
     # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
     # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
     # connections while another still writes or reads.
     parallel.shutdown()
+    if out.get("interrupted"):
+        stopped(out, rank, sys.argv[1:] if argv is None else argv)
     return out
 
 
-def train(cfg, rank, gpu, world, distributed):
+def stopped(out, rank, argv):
+    """After a SIGINT/SIGTERM save: where the run stands, how to continue it, and the signal's exit code."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
+    if rank == 0:
+        print(f"{out['interrupted']}: stopped after step {out['step']} of {out['total']}, saved {out['checkpoint']}\n"
+              f"resume with: {interrupt.resume_command(argv, script)}", file=sys.stderr, flush=True)
+    sys.exit(out["exit_code"])
+
+
+def train(cfg, rank, gpu, world, distributed, stop=None):
     device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
     fsdp = distributed and cfg.parallel == "fsdp"
@@ -522,6 +626,7 @@ def train(cfg, rank, gpu, world, distributed):
     if cfg.init_from:   # a run's out_dir means its newest checkpoint
         cfg.init_from = checkpoint.resolve_model(cfg.init_from, verbose=rank == 0)   # every rank: same error
     if not cfg.eval_only:
+        check_inputs(cfg, rank)       # before out_dir, a tokenizer or a cache is written
         guard_out_dir(cfg, rank)
     checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
     if device.type == "cuda":
@@ -535,7 +640,7 @@ def train(cfg, rank, gpu, world, distributed):
     lengths = example_lengths(train_ex)
     plan_of = lambda epoch, r=rank: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, r, cfg.seed, epoch)
     steps_per_epoch = len(plan_of(0))
-    if steps_per_epoch == 0:
+    if steps_per_epoch == 0 and not cfg.eval_only:
         sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of "
                  f"{cfg.micro_batch_size * cfg.grad_accum * world}")
     total = cfg.max_steps or steps_per_epoch * cfg.epochs
@@ -559,18 +664,19 @@ def train(cfg, rank, gpu, world, distributed):
         ref_table, eval_ref_table = reference_tables(cfg, model, keys, [] if cfg.eval_only else train_ex, eval_ex,
                                                      [plan_of(0, r) for r in range(world)], tok.pad_id, device, ctx,
                                                      rank, world)
-    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every else None
+    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every and not cfg.eval_only else None
     resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
     if cfg.resume and not resume_from and rank == 0:
         print(f"resume: no checkpoint in {cfg.out_dir}: starting a new run")
     if resume_from:
         state = checkpoint.load(resume_from, model, opt)
-        refuse = checkpoint.schedule_mismatch(state, run_info) or checkpoint.objective_mismatch(state["config"], cfg)
+        refuse = (None if cfg.eval_only else checkpoint.schedule_mismatch(state, run_info)) or \
+            checkpoint.objective_mismatch(state["config"], cfg)
         if refuse:
             sys.exit(f"error: {refuse} ({resume_from})")
         if sampler is not None and "sampler" in state:
             sampler.load_state_dict(state["sampler"][rank])
-        if rank == 0:
+        if rank == 0 and not cfg.eval_only:
             print(f"resumed {resume_from}: step {state['step']} of {total}")
             for w in checkpoint.resume_warnings(state, cfg, data_fp):
                 print(f"warning: {w}")
@@ -582,7 +688,7 @@ def train(cfg, rank, gpu, world, distributed):
             print(f"{resume_from} is the end of this run (step {state['step']} of {total}): nothing to train")
         return {"checkpoint": resume_from, "step": state["step"], "finished": True}
     if rank == 0:
-        print(json.dumps(dataclasses.asdict(cfg)))
+        print(json.dumps(shown_config(cfg, parallel.unwrap(model).args)))
         tokens_per_step = gbs * sum(lengths) / len(lengths)
         mode = cfg.parallel if distributed else "single process"
         print(f"world {world} ({mode}) | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
@@ -600,10 +706,13 @@ def train(cfg, rank, gpu, world, distributed):
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     if rank == 0:
         start_metrics(metrics_path, state["step"])
+    live = loggers.Loggers(cfg, rank, state["step"])     # --log_to: the same records, rank 0
     t_start, tokens, last_log, plan_epoch = time.time(), 0, {}, None
     busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
     flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
     model.train()
+    stop = stop or interrupt.StopRequest()
+    stop.armed, last_save = True, time.time()     # a signal from here on finishes the step and saves
     while state["step"] < total:
         step, t0 = state["step"], time.time()
         epoch, k = divmod(step, steps_per_epoch)
@@ -644,8 +753,12 @@ def train(cfg, rank, gpu, world, distributed):
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout.
-        if global_flag(~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)), device):
+        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout;
+        # a signal on any rank, or rank 0's clock, makes every rank save after this step (one all-reduce).
+        save_due = rank == 0 and cfg.save_every_min > 0 and time.time() - last_save >= 60 * cfg.save_every_min
+        bad, stopping, save_due = global_max([~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)),
+                                              stop.signum or 0, save_due], device)
+        if bad:
             last = checkpoint.latest(cfg.out_dir)
             raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss "
                              f"{float(acc['loss'])}, grad norm {float(gnorm)}); stopping without saving. "
@@ -663,7 +776,8 @@ def train(cfg, rank, gpu, world, distributed):
             tokens = float(vals[-1])
         if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
             dt = max(busy, 1e-9)
-            rec = {"step": state["step"], "lr": lr, "lam": lam, "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
+            rec = {"step": state["step"], "lr": lr, **({"lam": lam} if cfg.loss == "ift" else {}),
+                   "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
             mfu = memplan.mfu(flops_tok, tokens, dt, peak, world)
             if mfu is not None:
                 rec["mfu"] = mfu
@@ -673,6 +787,7 @@ def train(cfg, rank, gpu, world, distributed):
                 rec.update(sampler.stats)
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
+            live.log(rec)
             bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
             if not show_bar:
@@ -688,9 +803,17 @@ def train(cfg, rank, gpu, world, distributed):
                 (bar.write if show_bar else print)(f"step {state['step']} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps({"step": state["step"], **ev}) + "\n")
-        if cfg.save_every and state["step"] % cfg.save_every == 0 and state["step"] < total:
-            save(state)
+                live.log({"step": state["step"], **ev})
+        periodic = cfg.save_every and state["step"] % cfg.save_every == 0
+        if state["step"] < total and (periodic or save_due or stopping):
+            path, last_save = save(state), time.time()
+            if stopping:
+                bar.close()
+                live.close()
+                return {"checkpoint": path, "step": state["step"], "total": total,
+                        "exit_code": interrupt.EXIT_CODES[stopping], "interrupted": interrupt.signal_name(stopping)}
     bar.close()
+    live.close()
     path = save(state)
     summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
     summary.update(final_eval(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
@@ -716,8 +839,7 @@ def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_
 
 def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, what):
     """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
-    then exactly those of the run's own final evaluation); writes no checkpoint and no metrics (the held-out
-    reference table may be cached)."""
+    then exactly those of the run's own final evaluation); writes nothing (no checkpoint, metrics or cache)."""
     summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
                                                rank, world)}
     if rank == 0:
@@ -795,6 +917,16 @@ def cli(argv):
             raise
         print("error: " + str(e).replace("\n", " "), file=sys.stderr)
         sys.exit(2)
+    except SystemExit as e:       # sys.exit("error: ...") is a user error too: the same exit code
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+    except KeyboardInterrupt:     # before the first optimizer step (then a signal only stops the loop)
+        if debug:
+            raise
+        print("interrupted before the first optimizer step: nothing to save", file=sys.stderr)
+        sys.exit(130)             # 128 + SIGINT, as a shell reports it
 
 
 if __name__ == "__main__":

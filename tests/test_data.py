@@ -411,5 +411,6 @@ def test_inspection_command(tmp_path, syn_tok, capsys):
     data.main(["--tokenizer", syn_tok.path, "--data", path, "--index", "1"])
     out = capsys.readouterr().out
     assert "chosen side" in out and "<|assistant|>\n⟦1 + 2 = 3</s>⟧" in out and "<|user|>\nAdd 1 and 2.</s>" in out
-    with pytest.raises(SystemExit, match="out of range"):
+    with pytest.raises(SystemExit) as e:
         data.main(["--tokenizer", syn_tok.path, "--data", path, "--index", "2"])
+    assert e.value.code == 2 and "out of range" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def ckpt(tok, tmp_path_factory):
 class StubModel:
     """Continues every prompt with the tokens of a chosen string (per prompt, or one for all),
     honouring generate's contract: stop at (and include) the first stop id, at most max_new_tokens.
-    eval_gen generates through generate.generate(model, ...): the fixture below routes a stub to itself."""
+    eval_gen generates through generate(generate, model, ...): the fixture below routes a stub to itself."""
 
     def __init__(self, tok, replies, context=E.ARC_PREFILL):
         self.args = ModelArgs(vocab_size=tok.vocab_size)

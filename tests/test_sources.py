@@ -262,12 +262,14 @@ def test_cli_subprocess_one_line(tmp_path, files):
     assert f"{c}/model.safetensors: not a readable safetensors file" in p.stderr
 
 
-def test_data_inspection_checks_every_row(tmp_path, files, tok):
-    """python data.py exits with sys.exit("error: ..."): one line, code 1, even for a row it does not show."""
+def test_data_inspection_checks_every_row(tmp_path, files, tok, capsys):
+    """python data.py: one line on stderr and exit code 2 (a user error, as in train.py), even for a row it does
+    not show."""
     _, needle = _case(tmp_path, files, "malformed_row")
     with pytest.raises(SystemExit) as e:
         data.main(["--tokenizer", tok.path, "--data", str(tmp_path / "bad.jsonl"), "--index", "0"])
-    assert str(e.value.code).startswith("error: ") and needle in str(e.value.code) and "\n" not in str(e.value.code)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and needle in err and "\n" not in err
 
 
 def test_parquet_without_pyarrow_is_one_line(tmp_path, files, monkeypatch, capsys):
