@@ -486,7 +486,7 @@ def show(tok, ids, labels):
 
 
 def main(argv=None):
-    import flags
+    from infra import flags
     ap = flags.Parser(description="Show one row as the model will be trained on it (the "
                                  "tokenizer's chat template, or Zephyr; supervised spans between ⟦ ⟧; "
                                  "preference rows: the chosen side).")

@@ -80,15 +80,13 @@ import tempfile
 import time
 
 import torch
-import tokenizer
 
 import data
-import flags
-import hf_io
-import parallel
-from checkpoint import resolve_model
+import tokenizer
 from generate import generate
-from hf_io import CheckpointError
+from infra import flags, hf_io, parallel
+from infra.checkpoint import resolve_model
+from infra.hf_io import CheckpointError
 
 LETTERS = "ABCDE"
 NUMBER_WORDS = {2: "two", 3: "three", 4: "four", 5: "five"}

@@ -25,8 +25,8 @@ import torch
 import data
 import eval_gen
 import ift
-import parallel
 from generate import generate
+from infra import parallel
 
 PG_LOSSES = ("ppo", "grpo")
 

@@ -20,7 +20,7 @@ import torch
 
 import data
 import ift
-import parallel
+from infra import parallel
 
 
 @torch.no_grad()

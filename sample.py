@@ -13,12 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-import flags
-import hf_io
-from checkpoint import resolve_model
-from generate import generate
-from hf_io import CheckpointError
 import tokenizer
+from generate import generate
+from infra import flags, hf_io
+from infra.checkpoint import resolve_model
+from infra.hf_io import CheckpointError
 
 
 @dataclass

@@ -22,7 +22,7 @@ import io
 import json
 import os
 
-import atomic
+from infra import atomic
 
 
 IGNORE = -100                          # label of a token that is not supervised

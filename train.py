@@ -23,22 +23,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import checkpoint
 import data
-import flags
-import hf_io
 import ift
-import interrupt
-import loggers
-import memplan
 import onpolicy
-import parallel
 import refcache
-import tokcache
-from generate import generate
-from hf_io import CheckpointError
-from model import ModelArgs, Transformer
 import tokenizer
+from generate import generate
+from infra import checkpoint, flags, hf_io, interrupt, loggers, memplan, parallel, tokcache
+from infra.hf_io import CheckpointError
+from model import ModelArgs, Transformer
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
 NEEDS_REF = ("dpo", "ipo", "kto")

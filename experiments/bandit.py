@@ -34,9 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-import flags
 import ift
 from generate import generate
+from infra import flags
 from model import ModelArgs, Transformer
 
 K = 100  # actions

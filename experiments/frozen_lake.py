@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import flags
 import ift
+from infra import flags
 
 # S start, . frozen, H hole, G goal. Optimal (6 moves): R R R R D D along the top. Sub-optimal (10 moves):
 # D D D D R R R R U U round the lake. The two share only the start state, so neither kind of objective gets

@@ -18,9 +18,9 @@ from dataclasses import dataclass, asdict
 import torch
 
 import data
-import flags
-from experiments import study
 import train
+from experiments import study
+from infra import flags
 
 
 @dataclass

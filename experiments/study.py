@@ -33,12 +33,10 @@ from dataclasses import dataclass
 import torch
 
 import data
-import flags
-import hf_io
 import ift
-import train
-import checkpoint
 import tokenizer
+import train
+from infra import checkpoint, flags, hf_io
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""bench_gpu.py: the tiny run covers every section (so the GPU script cannot rot between GPU runs), and the
+"""benchmarks/gpu.py: the tiny run covers every section (so the GPU script cannot rot between GPU runs), and the
 driver records failures and budget skips instead of dying."""
 import json
 import os
@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-import bench_gpu
+from benchmarks import gpu as bench_gpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,8 +15,8 @@ import torch
 
 import train
 from conftest import teardown_abort_only
+from infra import checkpoint
 from test_train import ROOT, TINY, max_diff, weights
-import checkpoint
 
 GUARD = os.path.join(ROOT, "tests", "collective_guard.py")
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -88,7 +88,8 @@ def test_fsdp_sampling_gathers_once_per_round_and_ranks_may_sample_unequally(tmp
         sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, "tests")!r}]
         import collective_guard
         collective_guard.install()
-        import data, onpolicy, parallel, tokenizer, train
+        import data, onpolicy, tokenizer, train
+        from infra import parallel
         from torch.distributed.tensor import DTensor
         calls = []
         def counted(name, fn):

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import eval_gen as E
+import tokenizer
 from conftest import teardown_abort_only
 from generate import generate
-import hf_io
+from infra import hf_io
 from model import ModelArgs, Transformer
-import tokenizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 FIX = os.path.join(HERE, "fixtures")

@@ -5,7 +5,6 @@ import importlib.util
 import json
 import os
 
-
 import eval_gen as E
 from test_llama3 import needs_tokenizers, write_tokenizer
 from test_train import ROOT

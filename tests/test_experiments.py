@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from experiments import bandit as bd, frozen_lake as fl
 import ift
+from experiments import bandit as bd, frozen_lake as fl
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -7,8 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import model as M
-import parallel
 from generate import generate
+from infra import parallel
 from model import ModelArgs, Transformer
 
 

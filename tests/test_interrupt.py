@@ -119,7 +119,7 @@ def test_sigkill_after_wall_time_save_resumes_from_it(tmp_path, tok_path):
 
 
 def test_second_ctrl_c_exits_at_once_but_a_forwarded_duplicate_does_not(monkeypatch):
-    import interrupt
+    from infra import interrupt
     exits = []
     monkeypatch.setattr(interrupt.os, "_exit", exits.append)
     clock = iter([100.0, 100.01, 102.0, 0.0])    # torchrun's forwarded copy 10 ms later, then a real second Ctrl-C
@@ -136,7 +136,7 @@ def test_second_ctrl_c_exits_at_once_but_a_forwarded_duplicate_does_not(monkeypa
 
 
 def test_resume_command_drops_overwrite_and_adds_resume(monkeypatch):
-    import interrupt
+    from infra import interrupt
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert interrupt.resume_command(["--lr=1e-3", "--overwrite", "--resume", "false", "--data", "a b.jsonl"]) == \
         "python train.py --lr=1e-3 --data 'a b.jsonl' --resume"

@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 
 import eval_gen
-import parallel
+from infra import parallel
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from generate import generate
-from hf_io import CheckpointError
-import hf_io
+from infra import hf_io
+from infra.hf_io import CheckpointError
 from model import ModelArgs, Transformer
 
 transformers = pytest.importorskip("transformers")

@@ -51,7 +51,8 @@ def test_activation_checkpointing_changes_no_loss_or_gradient_ddp_and_fsdp(tmp_p
     script.write_text(textwrap.dedent(f"""
         import sys, torch
         sys.path.insert(0, {ROOT!r})
-        import data, parallel, tokenizer, train
+        import data, tokenizer, train
+        from infra import parallel
         rank, _, world, _ = parallel.setup(120)
         tok, cpu = tokenizer.Tokenizer({tok_path!r}), torch.device("cpu")
         ex, _ = data.load_sft(data.synthetic_task(16, 0), tok)

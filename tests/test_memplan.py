@@ -7,8 +7,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-import memplan
 import train
+from infra import memplan
 
 MiB = 2**20
 

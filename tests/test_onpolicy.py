@@ -5,12 +5,11 @@ import torch
 
 import data
 import onpolicy
+import tokenizer
 import train
 from generate import generate
-import hf_io
+from infra import checkpoint, hf_io
 from test_train import TINY
-import checkpoint
-import tokenizer
 
 
 def sevens(prompt, response):

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 import torch
 
-import hf_io
 import refcache
+from infra import hf_io
 from test_distributed import GUARD, ROOT, metrics, torchrun  # noqa: F401
 from test_train import TINY
 
@@ -37,7 +37,8 @@ def test_fsdp_accumulation_keeps_gradients_sharded(tmp_path, tok_path):
     script.write_text(textwrap.dedent(f"""
         import contextlib, json, sys
         sys.path.insert(0, {ROOT!r})
-        import parallel, train
+        import train
+        from infra import parallel
         """) + GRAD_BYTES + textwrap.dedent(f"""
         seen, inner = [], parallel.no_sync
 
@@ -77,7 +78,7 @@ def test_sharded_load_never_holds_the_whole_model(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import resource, sys, torch
         sys.path.insert(0, {ROOT!r})
-        import hf_io, parallel
+        from infra import hf_io, parallel
         rank, _, world, _ = parallel.setup(120)
         hf_io.load_model_sharded({warm!r}, torch.device("cpu"), bf16=False)   # imports, one-time set-up: not the load
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -196,9 +197,9 @@ def test_two_rank_resume_from_the_sharded_checkpoint_is_bit_identical(tmp_path, 
 
 
 def test_export_dtype_follows_the_init_checkpoint(tmp_path):
-    import checkpoint
+    from infra import checkpoint
     import train
-    from hf_io import CheckpointError
+    from infra.hf_io import CheckpointError
     init = tmp_path / "init"
     init.mkdir()
     cfg = train.parse_config([])
@@ -212,7 +213,7 @@ def test_export_dtype_follows_the_init_checkpoint(tmp_path):
 
 
 def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
-    from atomic import write_dir
+    from infra.atomic import write_dir
     synced, real = [], os.fsync
 
     def fsync(fd):
@@ -233,7 +234,7 @@ def test_checkpoint_is_flushed_before_the_rename(tmp_path, monkeypatch):
 
 def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_token(tmp_path, tok_path, monkeypatch):
     import data, tokenizer
-    import tokcache
+    from infra import tokcache
     import train
     tok, cache = tokenizer.Tokenizer(tok_path), str(tmp_path / "cache")
     for kind, rows, load, kw in (
@@ -269,7 +270,7 @@ M7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_k
 
 def test_memory_plan_counts_the_model_and_refuses_ddp_at_7b(tmp_path, monkeypatch):
     import types
-    import memplan
+    from infra import memplan
     import train
     from model import ModelArgs, Transformer
     a = ModelArgs(dim=32, n_layers=3, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320)
@@ -297,7 +298,7 @@ def test_memory_plan_counts_the_model_and_refuses_ddp_at_7b(tmp_path, monkeypatc
 
 
 def test_mfu_needs_a_known_peak_and_counts_ifts_extra_forward():
-    import memplan
+    from infra import memplan
     import train
     from model import ModelArgs, Transformer
     m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64, vocab_size=320))

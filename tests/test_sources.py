@@ -11,12 +11,12 @@ import pytest
 import torch
 
 import data
-import train
-from hf_io import CheckpointError
-import hf_io
-from model import ModelArgs, Transformer
 import refcache
 import tokenizer
+import train
+from infra import hf_io
+from infra.hf_io import CheckpointError
+from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 U, A, S = "user", "assistant", "system"

@@ -11,13 +11,12 @@ import sys
 
 import pytest
 
-import train
-from test_train import ROOT, TINY
-import checkpoint
-from generate import generate
-import hf_io
-from model import ModelArgs, Transformer
 import tokenizer
+import train
+from generate import generate
+from infra import checkpoint, hf_io
+from model import ModelArgs, Transformer
+from test_train import ROOT, TINY
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 

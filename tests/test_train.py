@@ -13,14 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import train
-from conftest import teardown_abort_only
-import atomic
-import checkpoint
-import hf_io
-from model import ModelArgs, Transformer
 import refcache
 import tokenizer
+import train
+from conftest import teardown_abort_only
+from infra import atomic, checkpoint, hf_io
+from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--n_train=64",

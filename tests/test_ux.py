@@ -93,13 +93,14 @@ def test_every_preset_writes_into_its_own_out_dir():
 
 
 def test_one_line_errors_and_helps_that_say_what_they_do():
-    def script(name, args):
-        return subprocess.run([sys.executable, os.path.join(ROOT, name)] + args, env=ENV, capture_output=True,
-                              text=True, timeout=120, cwd=ROOT)
+    def script(name, args):     # a file (train.py) or a module (-m infra.memplan)
+        cmd = ["-m", name[3:]] if name.startswith("-m ") else [os.path.join(ROOT, name)]
+        return subprocess.run([sys.executable] + cmd + args, env=ENV, capture_output=True, text=True, timeout=120,
+                              cwd=ROOT)
     p = script("train.py", ["--lrr=1"])
     assert p.returncode == 2 and p.stderr.strip() == \
         "train.py: error: unrecognized arguments: --lrr=1 (did you mean --lr?); see --help"
-    p = script("memplan.py", ["--help"])
+    p = script("-m infra.memplan", ["--help"])
     assert p.returncode == 0 and "Mistral-7B" in p.stdout and "|" not in p.stdout       # help, not the table
     p = script("bench.py", ["--help"])
     assert p.returncode == 0 and "--gpu" in p.stdout and "torch CPU threads" in p.stdout
@@ -133,7 +134,7 @@ def test_data_cache_follows_the_umask(tmp_path, tok_path):
     import glob
     import stat
     import data
-    import tokcache
+    from infra import tokcache
     import tokenizer
     old = os.umask(0o022)
     try:
@@ -152,7 +153,7 @@ def test_dry_run_of_a_recipe_needs_no_weights(tmp_path, tok_path, capsys):
     safetensors need not be there), and it writes nothing."""
     import shutil
     import torch
-    import hf_io
+    from infra import hf_io
     import train
     from model import ModelArgs
     model_dir = tmp_path / "model"

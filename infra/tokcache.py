@@ -19,8 +19,8 @@ from collections.abc import Sequence
 import numpy as np
 
 import data
-import parallel
 import tokenizer
+from infra import parallel
 
 VERSION = 1
 FIELDS = {"sft": ("input_ids",), "pairs": ("prompt_ids", "chosen_ids", "rejected_ids")}

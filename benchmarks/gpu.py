@@ -6,7 +6,7 @@ The GPU benchmark: one command, one process tree, every GPU claim of the project
   python bench.py --gpu --budget_s=300       # the same plan squeezed into 300 s: sections truncated or skipped
   python bench.py --gpu --tiny               # every section on CPU with tiny shapes (< 1 min; the test runs it)
   python bench.py --gpu --only=parity,train  # a subset (env always runs: the ratios need its ceilings)
-  python bench_gpu.py ...                    # the same
+  python -m benchmarks.gpu ...              # the same
 
 Sections, in this order (each timed; a failure is recorded with its error and the run goes on):
   env       versions, device, free memory, measured bf16 matmul TFLOP/s and device copy GB/s (the ceilings)
@@ -65,12 +65,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-import flags
 import ift
 from generate import generate
+from infra import flags
 from model import ModelArgs, Transformer
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 H100_H200_BF16_PEAK = 989e12    # dense bf16 tensor-core peak of an H100/H200 SXM (the usual MFU denominator)
 GiB = 2 ** 30
 
@@ -497,7 +497,7 @@ def _one_process_group(dev):
 
 def sec_train(r):
     import torch.distributed as dist
-    import parallel
+    from infra import parallel
     import train
     dev, T = r.device, (64 if r.tiny else r.seq_len)
     cfg = train.parse_config([f"--config={RECIPE}"])

@@ -207,6 +207,6 @@ def main():
 
 
 if __name__ == "__main__":
-    import flags
+    from infra import flags
     flags.Parser(description=main.__doc__).parse_args()     # --help says what this prints; no options
     main()

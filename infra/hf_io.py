@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-import atomic
+from infra import atomic
 from model import LLAMA3_ROPE_KEYS, ModelArgs, Transformer
 
 
@@ -115,7 +115,7 @@ def load_model_sharded(path, device, bf16: bool) -> Transformer:
     the meta device, sharded, then each rank reads from the safetensors files only the rows of dim 0 it owns
     (FSDP2 shards every tensor like torch.chunk: ceil(n / world) rows per rank), in fp32."""
     import torch.distributed as dist
-    import parallel
+    from infra import parallel
     args = read_config(path)
     with torch.device("meta"):
         model = Transformer(args)

@@ -23,9 +23,8 @@ from contextlib import contextmanager
 
 import torch
 
-import atomic
-import parallel
-from hf_io import CheckpointError, write_weights
+from infra import atomic, parallel
+from infra.hf_io import CheckpointError, write_weights
 
 # Values that fix which examples each optimizer step sees; a resume that changes them would silently
 # replay other batches on another schedule.
