@@ -19,6 +19,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -26,15 +27,15 @@ import torch.distributed as dist
 import data
 import ift
 import onpolicy
-import refcache
+import reference
 import tokenizer
 from generate import generate
 from infra import checkpoint, flags, hf_io, interrupt, loggers, memplan, parallel, tokcache
 from infra.hf_io import CheckpointError
 from model import ModelArgs, Transformer
+from reference import Reference
 
 PAIRWISE = ("dpo", "ipo", "orpo", "simpo", "kto")
-NEEDS_REF = ("dpo", "ipo", "kto")
 
 
 @dataclass
@@ -340,7 +341,7 @@ def dry_run(cfg):
         sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of {gbs}")
     plan = {"world_size": world, "global_batch": gbs, "train_examples": len(train_ex), "eval_examples": len(eval_ex),
             "steps_per_epoch": steps, "total_steps": cfg.max_steps or steps * cfg.epochs,
-            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": refcache.data_fingerprint(tok, train_ex),
+            "tokens_per_step": round(gbs * sum(lengths) / len(lengths)), "data_fingerprint": reference.data_fingerprint(tok, train_ex),
             "tokenizer": tok.path, "tokenizer_vocab": tok.vocab_size}
     print(json.dumps(shown_config(cfg, model_args(cfg, tok))))
     print("dry run: " + json.dumps(plan))
@@ -407,7 +408,7 @@ def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
     rows = cfg.micro_batch_size * (cfg.n_samples if per_sample else 1)
     kw = dict(micro_batch_size=rows, seq_len=cfg.max_length, optimizer=cfg.optimizer, bf16=bf16,
               grad_checkpointing=cfg.grad_checkpointing, loss=cfg.loss, impl=memplan.optimizer_impl(cfg.optimizer,
-              device.type), weight_decay=cfg.weight_decay, reference=needs_frozen_reference(cfg))
+              device.type), weight_decay=cfg.weight_decay, reference=reference.needs_model(cfg))
     p = memplan.plan(a, world, par, **kw)
     if device.type == "cuda":           # a plan per GPU: on a CPU it would only mislead
         if rank == 0:
@@ -437,21 +438,14 @@ def lr_at(cfg, step, total):
     return cfg.lr * (0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac)
 
 
-# ---------------------------------------------------------------------------- losses
-def make_batch(cfg, examples, idx, pad_id, device, ctx, ref_table=None, ref_model=None):
-    """A collated micro-batch and, for DPO/IPO/KTO, its reference log-probs (cached table or live model,
-    the latter in the policy's own compute context: see refcache)."""
+# ---------------------------------------------------------------------------- the objective
+def make_batch(run, examples, idx, split="train"):
+    """A collated micro-batch of `examples` and, for DPO/IPO/KTO, its reference log-probs (reference.py)."""
+    cfg, device = run.cfg, run.device
     if cfg.loss not in PAIRWISE:
-        return data.to_device(data.collate([examples[i] for i in idx], pad_id), device), None
-    batch = data.to_device(data.pair_batch(examples, idx, pad_id, cfg.loss == "kto"), device)
-    ref = None
-    if ref_table is not None:
-        ref = torch.cat([ref_table[idx, 0], ref_table[idx, 1]] + ([ref_table[idx, 2]] if "kl" in batch else []))
-        ref = ref.to(device)
-    elif ref_model is not None:
-        with ctx:
-            ref = refcache.reference_logps(ref_model, batch)
-    return batch, ref
+        return data.to_device(data.collate([examples[i] for i in idx], run.tok.pad_id), device), None
+    batch = data.to_device(data.pair_batch(examples, idx, run.tok.pad_id, cfg.loss == "kto"), device)
+    return batch, run.reference.logps(batch, idx, split, device, run.ctx) if run.reference else None
 
 
 def compute_loss(cfg, model, batch, ref_logps, lam):
@@ -490,69 +484,317 @@ def compute_loss(cfg, model, batch, ref_logps, lam):
                         torch.arange(2 * B, device=s.device) < B, kl_s, ref_logps[2 * B:], beta=cfg.beta)
 
 
-def needs_frozen_reference(cfg) -> bool:
-    pg_kl = cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0      # PPO/GRPO: a reference only for the KL
-    return (cfg.loss in NEEDS_REF or pg_kl) and not cfg.reference_free and (cfg.ref == "online" or bool(cfg.onpolicy_every))
+# ---------------------------------------------------------------------------- the run's state
+@dataclass
+class Run:
+    """What a step, an evaluation or a save needs, set once by `setup` (one object instead of argument lists)."""
+    cfg: Config
+    rank: int
+    world: int
+    distributed: bool
+    device: torch.device
+    bf16: bool
+    ctx: object                  # autocast (one process, DDP) or nullcontext (FSDP2 casts itself, fp32)
+    tok: object
+    train_ex: object
+    eval_ex: object
+    demo_rows: Optional[list]    # the demo's held-out conversations (generation exact match), else None
+    model: torch.nn.Module       # wrapped: DDP, or FSDP2's sharded modules
+    opt: torch.optim.Optimizer
+    reference: Optional[Reference]
+    sampler: Optional[onpolicy.Sampler]
+    lengths: list                # tokens per training example (the batch plan groups by length)
+    steps_per_epoch: int
+    total: int
+    run_info: dict               # what a checkpoint records of the schedule (a resume must match it)
+
+    def plan(self, epoch, rank=None):
+        """plan[step][micro_step]: the example indices of `rank` (default this one) in `epoch`."""
+        cfg = self.cfg
+        return data.batch_plan(self.lengths, cfg.micro_batch_size, cfg.grad_accum, self.world,
+                               self.rank if rank is None else rank, cfg.seed, epoch)
 
 
-def frozen_reference(cfg, model, device, bf16, fsdp):
-    """A frozen copy of the initial model for --ref=online and on-policy DPO/IPO (fresh samples need a live
-    reference), else None. Under FSDP2 it is sharded like the policy, so it computes exactly as the policy
-    does (bf16 parameters); elsewhere it runs in the policy's autocast context (make_batch)."""
-    if not needs_frozen_reference(cfg):
-        return None
-    if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
-        return hf_io.load_model_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
-    import copy
-    ref = copy.deepcopy(model).eval().requires_grad_(False)
-    return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
+def setup(cfg, rank, gpu, world, distributed) -> Run:
+    """Inputs checked, data loaded, model built and wrapped, optimizer, reference and sampler: everything
+    before the first step, in an order that matters (see the comments)."""
+    device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    fsdp = distributed and cfg.parallel == "fsdp"
+    # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
+    torch.manual_seed(cfg.seed)
+    if cfg.init_from:   # a run's out_dir means its newest checkpoint
+        cfg.init_from = checkpoint.resolve_model(cfg.init_from, verbose=rank == 0)   # every rank: same error
+    if not cfg.eval_only:
+        check_inputs(cfg, rank)       # before out_dir, a tokenizer or a cache is written
+        guard_out_dir(cfg, rank)
+    checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")     # TF32 for the fp32 matmuls (fp32 runs, fp32 heads)
+    tok, train_ex, eval_ex, demo_rows = load_data(cfg, rank)
+    memory_plan(cfg, tok, device, world, distributed, bf16, rank)
+    t_load, sharded = time.time(), fsdp and bool(cfg.init_from)
+    model = build_model(cfg, tok, device, bf16 if sharded else None)
+    lengths = example_lengths(train_ex)
+    steps_per_epoch = len(data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, rank, cfg.seed, 0))
+    gbs = cfg.micro_batch_size * cfg.grad_accum * world
+    if steps_per_epoch == 0 and not cfg.eval_only:
+        sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of {gbs}")
+    data_fp = reference.data_fingerprint(tok, train_ex)
+    run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs,
+                "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
+    # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
+    ref = Reference.of_initial_model(cfg, model, tok, data_fp, eval_ex, device, bf16, distributed, world)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model = model if sharded else parallel.wrap(model, cfg.parallel, device, bf16, distributed)
+    if rank == 0:       # the load's peak, apart from training's (whose peak counter starts here)
+        print(memplan.load_report(time.time() - t_load, device, sharded))
+    # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
+    # optimizer built then would hold those instead of the sharded master weights.
+    opt = make_optimizer(cfg, model.parameters() if fsdp else params, device)
+    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every and not cfg.eval_only else None
+    run = Run(cfg, rank, world, distributed, device, bf16, ctx, tok, train_ex, eval_ex, demo_rows, model, opt, ref,
+              sampler, lengths, steps_per_epoch, cfg.max_steps or steps_per_epoch * cfg.epochs, run_info)
+    if ref is not None and ref.keys:
+        ref.compute_tables(cfg, model, [] if cfg.eval_only else train_ex, eval_ex,
+                           [run.plan(0, r) for r in range(world)], tok.pad_id, device, ctx, rank, world)
+    return run
 
 
-def reference_tables(cfg, model, keys, train_ex, eval_ex, plans0, pad_id, device, ctx, rank, world):
-    """Precomputed (train, eval) tables for DPO/IPO/KTO with --ref=precompute, computed by the policy as it
-    will train (wrapped, in its compute context; refcache explains why); `keys` from `table_keys`."""
-    kto, mbs = cfg.loss == "kto", cfg.micro_batch_size
-    tables = []
-    for ex, key, batches in ((train_ex, keys[0], refcache.train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
-                             (eval_ex, keys[1], refcache.eval_batches(len(eval_ex), mbs, rank, world, kto))):
-        path = None if cfg.eval_only else os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{key}.pt")
-        tables.append(refcache.precompute(parallel.unwrap(model), ex, batches, pad_id, kto, device, ctx, path, rank,
-                                          world, cfg.progress) if ex else None)
-    return tables
+def resume(run):
+    """The trainer state to start from: out_dir's newest checkpoint with --resume (weights, optimizer, sampler
+    and RNG restored; a changed schedule or objective refused), else step 0."""
+    cfg, rank = run.cfg, run.rank
+    resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and not resume_from and rank == 0:
+        print(f"resume: no checkpoint in {cfg.out_dir}: starting a new run")
+    if not resume_from:
+        return {"step": 0, "epoch": 0, **run.run_info}, None
+    state = checkpoint.load(resume_from, run.model, run.opt)
+    refuse = (None if cfg.eval_only else checkpoint.schedule_mismatch(state, run.run_info)) or \
+        checkpoint.objective_mismatch(state["config"], cfg)
+    if refuse:
+        sys.exit(f"error: {refuse} ({resume_from})")
+    if run.sampler is not None and "sampler" in state:
+        run.sampler.load_state_dict(state["sampler"][rank])
+    if rank == 0 and not cfg.eval_only:
+        print(f"resumed {resume_from}: step {state['step']} of {run.total}")
+        for w in checkpoint.resume_warnings(state, cfg, run.run_info["data_fingerprint"]):
+            print(f"warning: {w}")
+    return state, resume_from
 
 
-def table_keys(cfg, model, tok, data_fp, eval_ex, bf16, distributed, world):
-    """Cache keys of the reference tables, from the initial (unwrapped) weights, or None if no table is used.
-    The batch schedule is part of the key: the table is computed in the training micro-batches (refcache)."""
-    if cfg.loss not in NEEDS_REF or cfg.reference_free or cfg.ref == "online" or cfg.onpolicy_every:
-        return None
-    mode = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if distributed else 'single'}"
-    train_key = f"{mode}-mb{cfg.micro_batch_size}-acc{cfg.grad_accum}-seed{cfg.seed}-world{world}"
-    return [refcache.fingerprint(cfg, data_fp, model, train_key),
-            refcache.fingerprint(cfg, refcache.data_fingerprint(tok, eval_ex), model, f"{mode}-mb{cfg.micro_batch_size}-world{world}")]
+def save(run, state):
+    extra = {"sampler": parallel.gather_objects(run.sampler.state_dict())} if run.sampler is not None else {}
+    return checkpoint.save(run.cfg, run.model, run.opt, {**state, **extra}, run.tok, run.rank)
 
 
-# ---------------------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------------- one step
+def refresh_samples(run, step):
+    """On-policy: new samples from the *current* weights for every prompt of the steps until the next round
+    (offline: of the whole run), and for PPO/GRPO the sampling policy's log-probs in the training micro-batches."""
+    cfg, model = run.cfg, parallel.unwrap(run.model)
+    horizon = run.total if cfg.sampling == "offline" else min(step + cfg.onpolicy_every, run.total)
+    plans = {e: run.plan(e) for e in range(step // run.steps_per_epoch, (horizon - 1) // run.steps_per_epoch + 1)}
+    micro = [mb for s in range(step, horizon) for mb in plans[s // run.steps_per_epoch][s % run.steps_per_epoch]]
+    run.sampler.refresh(model, step, [i for mb in micro for i in mb], run.device, run.ctx)
+    if cfg.loss in onpolicy.PG_LOSSES:
+        run.sampler.record_old_logps(model, micro, run.device, run.ctx)
+
+
+def train_step(run, micro_batches, lam):
+    """Forward and backward over the step's micro-batches (gradients averaged) and the clipped gradient norm.
+    Returns (metrics, grad norm, tokens): running sums kept on the device (float64, the same sums Python floats
+    would give), since a float() per metric per micro-step would stall the GPU queue; read at log steps."""
+    cfg, model, n = run.cfg, run.model, len(micro_batches)
+    metrics, tokens = {}, 0
+    for i, idx in enumerate(micro_batches):
+        if run.sampler is not None:
+            batch, ref = run.sampler.batch(idx, run.reference.model if run.reference else None, run.device, run.ctx)
+        else:
+            batch, ref = make_batch(run, run.train_ex, idx)
+        with parallel.no_sync(model, i == n - 1), run.ctx:
+            loss, m = compute_loss(cfg, model, batch, ref, lam)
+            if "loss_scale" in batch:      # on-policy micro-batch without a usable pair
+                loss = loss * batch["loss_scale"]
+            (loss / n).backward()
+        tokens = tokens + batch["attention_mask"].sum()
+        for key, v in {"loss": loss, **m}.items():
+            v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
+            metrics[key] = metrics.get(key, 0.0) + v.to(run.device) / n
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    return metrics, gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm, tokens
+
+
+def global_max(values, device) -> list:
+    """[the largest rank's value i] for small ints, bools or bool tensors on the device: one tiny all-reduce and
+    one host sync, after which all ranks act alike (stop, save)."""
+    vals = torch.stack([torch.as_tensor(v, device=device).to(torch.float32).reshape(()) for v in values])
+    return [int(v) for v in parallel.all_reduce(vals, dist.ReduceOp.MAX).tolist()]
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(cfg, rank, gpu, world, distributed, stop=None):
+    """The run: setup, then per optimizer step the learning rate and lambda, a sampling round when due, the
+    micro-batches (train_step), one all-reduce that agrees on NaN / a signal / a timed save, the update, the log
+    line, held-out eval and checkpoints; at the end a checkpoint and the final evaluation."""
+    run = setup(cfg, rank, gpu, world, distributed)
+    state, resume_from = resume(run)
+    if cfg.eval_only:
+        return evaluate_only(run, resume_from or cfg.init_from or "random init")
+    if state["step"] >= run.total:
+        if rank == 0:
+            print(f"{resume_from} is the end of this run (step {state['step']} of {run.total}): nothing to train")
+        return {"checkpoint": resume_from, "step": state["step"], "finished": True}
+    print_start(run)
+    log, plans = Log(run, state["step"]), {}
+    stop = stop or interrupt.StopRequest()
+    stop.armed, last_save = True, time.time()     # a signal from here on finishes the step and saves
+    run.model.train()
+    while state["step"] < run.total:
+        step, t0 = state["step"], time.time()
+        epoch, k = divmod(step, run.steps_per_epoch)
+        if epoch not in plans:
+            plans = {epoch: run.plan(epoch)}
+        lr = lr_at(cfg, step, run.total)
+        for g in run.opt.param_groups:
+            g["lr"] = lr
+        lam = ift.lambda_schedule(step, lam=cfg.lam, warmup_steps=cfg.lam_warmup_steps, min_lambda=cfg.min_lambda,
+                                  max_lambda=cfg.lam, noise_std=cfg.lam_noise_std, seed=cfg.seed)
+        if run.sampler is not None and run.sampler.due(step):
+            refresh_samples(run, step)
+        metrics, gnorm, tokens = train_step(run, plans[epoch][k], lam)
+        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout;
+        # a signal on any rank, or rank 0's clock, makes every rank save after this step (one all-reduce).
+        save_due = rank == 0 and cfg.save_every_min > 0 and time.time() - last_save >= 60 * cfg.save_every_min
+        bad, stopping, save_due = global_max([~(torch.isfinite(metrics["loss"]) & torch.isfinite(gnorm)),
+                                              stop.signum or 0, save_due], run.device)
+        if bad:
+            raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss "
+                             f"{float(metrics['loss'])}, grad norm {float(gnorm)}); stopping without saving. "
+                             f"Last good checkpoint: {checkpoint.latest(cfg.out_dir) or 'none'}")
+        run.opt.step()
+        run.opt.zero_grad(set_to_none=True)
+        state = {"step": step + 1, "epoch": (step + 1) // run.steps_per_epoch, **run.run_info}
+        log.step(state["step"], lr, lam, metrics, gnorm, tokens, time.time() - t0)
+        if cfg.eval_every and state["step"] % cfg.eval_every == 0:
+            log.eval(state["step"], evaluate(run))
+        periodic = cfg.save_every and state["step"] % cfg.save_every == 0
+        if state["step"] < run.total and (periodic or save_due or stopping):
+            path, last_save = save(run, state), time.time()
+            if stopping:
+                log.close()
+                return {"checkpoint": path, "step": state["step"], "total": run.total,
+                        "exit_code": interrupt.EXIT_CODES[stopping], "interrupted": interrupt.signal_name(stopping)}
+    log.close()
+    summary = {"final_train_loss": log.last.get("loss"), "tok_s": log.last.get("tok_s"), "checkpoint": save(run, state)}
+    summary.update(final_eval(run))
+    if rank == 0:
+        print(json.dumps(summary))
+        plot_curve(log.path)
+    return summary
+
+
+# ---------------------------------------------------------------------------- logging and evaluation
+def print_start(run):
+    """The config that applies and the run's shape, once, before the first step."""
+    cfg = run.cfg
+    if run.rank == 0:
+        print(json.dumps(shown_config(cfg, parallel.unwrap(run.model).args)))
+        gbs = run.run_info["global_batch"]
+        mode = cfg.parallel if run.distributed else "single process"
+        print(f"world {run.world} ({mode}) | global batch {gbs} | ~{gbs * sum(run.lengths) / len(run.lengths):.0f} "
+              f"tokens/step | data {run.run_info['data_fingerprint']} | {run.steps_per_epoch} steps/epoch | "
+              f"{run.total} steps | {parallel.unwrap(run.model).num_params() / 1e6:.2f}M params | device {run.device} | "
+              f"bf16 {run.bf16}")
+
+
+class Log:
+    """metrics.jsonl and --log_to's loggers (rank 0), the progress bar (or a plain line every log_every steps in a
+    redirected log), tokens/s and MFU over the training time since the last log line."""
+
+    def __init__(self, run, step):
+        from tqdm import tqdm
+        self.run, self.path = run, os.path.join(run.cfg.out_dir, "metrics.jsonl")
+        self.show_bar = run.rank == 0 and run.cfg.progress and sys.stderr.isatty()
+        self.bar = tqdm(total=run.total, initial=step, disable=not self.show_bar, dynamic_ncols=True)
+        if run.rank == 0:
+            start_metrics(self.path, step)
+        self.live = loggers.Loggers(run.cfg, run.rank, step)
+        self.t_start, self.tokens, self.busy, self.last = time.time(), 0, 0.0, {}
+        self.peak = memplan.peak_flops(run.device, run.bf16)
+        self.flops_tok = memplan.flops_per_token(parallel.unwrap(run.model), run.cfg.max_length, run.cfg)
+
+    def step(self, step, lr, lam, metrics, gnorm, tokens, seconds):
+        """After each optimizer step; at log steps every rank joins one reduce: the global mean of the metrics,
+        not rank 0's share, and every rank's real token count (rows differ in length)."""
+        run = self.run
+        self.busy, self.tokens = self.busy + seconds, self.tokens + tokens
+        self.bar.update(1)
+        if step % run.cfg.log_every and step != run.total:
+            return
+        vals = parallel.all_reduce(torch.stack(list(metrics.values()) + [self.tokens.double()]))
+        metrics, tokens, self.tokens = dict(zip(metrics, (vals[:-1] / run.world).tolist())), float(vals[-1]), 0
+        if run.rank == 0:
+            self.write(step, lr, lam, metrics, gnorm, tokens)
+
+    def write(self, step, lr, lam, metrics, gnorm, tokens):
+        run, dt = self.run, max(self.busy, 1e-9)
+        rec = {"step": step, "lr": lr, **({"lam": lam} if run.cfg.loss == "ift" else {}), "grad_norm": float(gnorm),
+               "tok_s": tokens / dt, **metrics}
+        mfu = memplan.mfu(self.flops_tok, tokens, dt, self.peak, run.world)
+        if mfu is not None:
+            rec["mfu"] = mfu
+        if run.device.type == "cuda":
+            rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        if run.sampler is not None:
+            rec.update(run.sampler.stats)
+        self.record(rec)
+        self.bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
+                             **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
+        if not self.show_bar:
+            print(f"step {step}/{run.total} | loss {rec['loss']:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
+                  + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {time.time() - self.t_start:.0f} s",
+                  flush=True)
+        self.last, self.busy = rec, 0.0
+
+    def eval(self, step, ev):
+        if self.run.rank == 0 and ev:
+            (self.bar.write if self.show_bar else print)(f"step {step} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
+            self.record({"step": step, **ev})
+
+    def record(self, rec):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.live.log(rec)
+
+    def close(self):
+        self.bar.close()
+        self.live.close()
+
+
 @torch.no_grad()
-def evaluate(cfg, model, examples, pad_id, device, ctx, ref_table, ref_model, rank, world):
+def evaluate(run):
     """Held-out loss and metrics, batches sharded over ranks, reduced globally (weighted by rows)."""
-    batches = refcache.eval_batches(len(examples), cfg.micro_batch_size, rank, world, cfg.loss == "kto")
+    cfg, examples, device = run.cfg, run.eval_ex, run.device
+    batches = reference.eval_batches(len(examples), cfg.micro_batch_size, run.rank, run.world, cfg.loss == "kto")
     if not batches:
         return {}
-    model.eval()
+    run.model.eval()
     keys, tot = None, None
     for idx in batches:
         real = idx is not None
         idx = idx if real else list(range(min(cfg.micro_batch_size, len(examples))))  # a dummy: same forwards
-        batch, r = make_batch(cfg, examples, idx, pad_id, device, ctx, ref_table, ref_model)
-        with ctx:
-            loss, m = compute_loss(cfg, model, batch, r, cfg.lam)
+        batch, r = make_batch(run, examples, idx, "eval")
+        with run.ctx:
+            loss, m = compute_loss(cfg, run.model, batch, r, cfg.lam)
         vals = {"loss": loss, **m}
         keys = keys or list(vals)
         v = torch.stack([torch.as_tensor(vals[k], device=device).detach().double().reshape(()) for k in keys])
         tot = (tot if tot is not None else torch.zeros(len(keys) + 1, dtype=torch.float64, device=device))
         tot += torch.cat([v * len(idx), v.new_tensor([len(idx)])]) * real
-    model.train()
+    run.model.train()
     tot = parallel.all_reduce(tot)
     return {f"eval/{k}": float(x) for k, x in zip(keys, tot[:-1] / tot[-1].clamp(min=1))}
 
@@ -578,264 +820,24 @@ def generation_exact_match(model, tok, rows, n, device, ctx=nullcontext(), rank=
     return float(hits[0] / hits[1].clamp(min=1)), example
 
 
-def global_max(values, device) -> list:
-    """[the largest rank's value i] for small ints, bools or bool tensors on the device: one tiny all-reduce and
-    one host sync, after which all ranks act alike (stop, save)."""
-    vals = torch.stack([torch.as_tensor(v, device=device).to(torch.float32).reshape(()) for v in values])
-    return [int(v) for v in parallel.all_reduce(vals, dist.ReduceOp.MAX).tolist()]
-
-
-# ---------------------------------------------------------------------------- the loop
-def main(argv=None):
-    cfg = parse_config(sys.argv[1:] if argv is None else argv)
-    rank, gpu, world, distributed = parallel.setup(cfg.dist_timeout_s)
-    with interrupt.StopRequest(verbose=rank == 0) as stop:
-        out = train(cfg, rank, gpu, world, distributed, stop)
-    # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
-    # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
-    # connections while another still writes or reads.
-    parallel.shutdown()
-    if out.get("interrupted"):
-        stopped(out, rank, sys.argv[1:] if argv is None else argv)
-    return out
-
-
-def stopped(out, rank, argv):
-    """After a SIGINT/SIGTERM save: where the run stands, how to continue it, and the signal's exit code."""
-    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
-    if rank == 0:
-        print(f"{out['interrupted']}: stopped after step {out['step']} of {out['total']}, saved {out['checkpoint']}\n"
-              f"resume with: {interrupt.resume_command(argv, script)}", file=sys.stderr, flush=True)
-    sys.exit(out["exit_code"])
-
-
-def train(cfg, rank, gpu, world, distributed, stop=None):
-    device = torch.device(f"cuda:{gpu}" if torch.cuda.is_available() else "cpu")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    fsdp = distributed and cfg.parallel == "fsdp"
-    # FSDP2's MixedPrecisionPolicy casts for us; otherwise autocast (weights stay fp32 either way).
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 and not fsdp else nullcontext()
-    torch.manual_seed(cfg.seed)
-    if cfg.init_from:   # a run's out_dir means its newest checkpoint
-        cfg.init_from = checkpoint.resolve_model(cfg.init_from, verbose=rank == 0)   # every rank: same error
-    if not cfg.eval_only:
-        check_inputs(cfg, rank)       # before out_dir, a tokenizer or a cache is written
-        guard_out_dir(cfg, rank)
-    checkpoint.export_dtype(cfg)      # a bad --save_dtype fails now, not at the first save
-    if device.type == "cuda":
-        torch.set_float32_matmul_precision("high")     # TF32 for the fp32 matmuls (fp32 runs, fp32 heads)
-    tok, train_ex, eval_ex, demo_eval_rows = load_data(cfg, rank)
-    memory_plan(cfg, tok, device, world, distributed, bf16, rank)
-    t_load, sharded = time.time(), fsdp and bool(cfg.init_from)
-    model = build_model(cfg, tok, device, bf16 if sharded else None)
-    data_fp = refcache.data_fingerprint(tok, train_ex)
-
-    lengths = example_lengths(train_ex)
-    plan_of = lambda epoch, r=rank: data.batch_plan(lengths, cfg.micro_batch_size, cfg.grad_accum, world, r, cfg.seed, epoch)
-    steps_per_epoch = len(plan_of(0))
-    if steps_per_epoch == 0 and not cfg.eval_only:
-        sys.exit(f"error: {len(train_ex)} examples do not fill one global batch of "
-                 f"{cfg.micro_batch_size * cfg.grad_accum * world}")
-    total = cfg.max_steps or steps_per_epoch * cfg.epochs
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    gbs = cfg.micro_batch_size * cfg.grad_accum * world
-    run_info = {"data_fingerprint": data_fp, "world_size": world, "global_batch": gbs,
-                "micro_batch_size": cfg.micro_batch_size, "grad_accum": cfg.grad_accum}
-    state = {"step": 0, "epoch": 0, **run_info}
-    # The reference is the initial model: copied / keyed before wrapping, computed before any resume.
-    keys = table_keys(cfg, model, tok, data_fp, eval_ex, bf16, distributed, world)
-    ref_model = frozen_reference(cfg, model, device, bf16, fsdp)
-    model = model if sharded else parallel.wrap(model, cfg.parallel, device, bf16, distributed)
-    if rank == 0:       # the load's peak, apart from training's (whose peak counter starts here)
-        print(memplan.load_report(time.time() - t_load, device, sharded))
-    # Before any forward: FSDP2 leaves the root's parameters unsharded after a no-grad forward, and an
-    # optimizer built then would hold those instead of the sharded master weights.
-    opt = make_optimizer(cfg, model.parameters() if fsdp else params, device)
-    ref_table = eval_ref_table = None
-    if keys:
-        ref_table, eval_ref_table = reference_tables(cfg, model, keys, [] if cfg.eval_only else train_ex, eval_ex,
-                                                     [plan_of(0, r) for r in range(world)], tok.pad_id, device, ctx,
-                                                     rank, world)
-    sampler = onpolicy.Sampler(cfg, tok, train_ex, rank, world) if cfg.onpolicy_every and not cfg.eval_only else None
-    resume_from = checkpoint.latest(cfg.out_dir) if cfg.resume else None
-    if cfg.resume and not resume_from and rank == 0:
-        print(f"resume: no checkpoint in {cfg.out_dir}: starting a new run")
-    if resume_from:
-        state = checkpoint.load(resume_from, model, opt)
-        refuse = (None if cfg.eval_only else checkpoint.schedule_mismatch(state, run_info)) or \
-            checkpoint.objective_mismatch(state["config"], cfg)
-        if refuse:
-            sys.exit(f"error: {refuse} ({resume_from})")
-        if sampler is not None and "sampler" in state:
-            sampler.load_state_dict(state["sampler"][rank])
-        if rank == 0 and not cfg.eval_only:
-            print(f"resumed {resume_from}: step {state['step']} of {total}")
-            for w in checkpoint.resume_warnings(state, cfg, data_fp):
-                print(f"warning: {w}")
-    if cfg.eval_only:
-        return evaluate_only(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
-                             world, resume_from or cfg.init_from or "random init")
-    if state["step"] >= total:
-        if rank == 0:
-            print(f"{resume_from} is the end of this run (step {state['step']} of {total}): nothing to train")
-        return {"checkpoint": resume_from, "step": state["step"], "finished": True}
-    if rank == 0:
-        print(json.dumps(shown_config(cfg, parallel.unwrap(model).args)))
-        tokens_per_step = gbs * sum(lengths) / len(lengths)
-        mode = cfg.parallel if distributed else "single process"
-        print(f"world {world} ({mode}) | global batch {gbs} | ~{tokens_per_step:.0f} tokens/step | data {data_fp} | "
-              f"{steps_per_epoch} steps/epoch | {total} steps | "
-              f"{parallel.unwrap(model).num_params() / 1e6:.2f}M params | device {device} | bf16 {bf16}")
-
-    def save(state):
-        extra = {"sampler": parallel.gather_objects(sampler.state_dict())} if sampler is not None else {}
-        return checkpoint.save(cfg, model, opt, {**state, **extra}, tok, rank)
-
-    from tqdm import tqdm
-    # A bar on a terminal; in a redirected log (or --progress=false) a plain line every log_every steps.
-    show_bar = rank == 0 and cfg.progress and sys.stderr.isatty()
-    bar = tqdm(total=total, initial=state["step"], disable=not show_bar, dynamic_ncols=True)
-    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    if rank == 0:
-        start_metrics(metrics_path, state["step"])
-    live = loggers.Loggers(cfg, rank, state["step"])     # --log_to: the same records, rank 0
-    t_start, tokens, last_log, plan_epoch = time.time(), 0, {}, None
-    busy, peak = 0.0, memplan.peak_flops(device, bf16)       # rates count training time since the last log
-    flops_tok = memplan.flops_per_token(parallel.unwrap(model), cfg.max_length, cfg)
-    model.train()
-    stop = stop or interrupt.StopRequest()
-    stop.armed, last_save = True, time.time()     # a signal from here on finishes the step and saves
-    while state["step"] < total:
-        step, t0 = state["step"], time.time()
-        epoch, k = divmod(step, steps_per_epoch)
-        if plan_epoch != epoch:
-            plan, plan_epoch = plan_of(epoch), epoch
-        lr = lr_at(cfg, step, total)
-        for g in opt.param_groups:
-            g["lr"] = lr
-        lam = ift.lambda_schedule(step, lam=cfg.lam, warmup_steps=cfg.lam_warmup_steps, min_lambda=cfg.min_lambda,
-                                  max_lambda=cfg.lam, noise_std=cfg.lam_noise_std, seed=cfg.seed)
-        if sampler is not None and sampler.due(step):
-            horizon = total if cfg.sampling == "offline" else min(step + cfg.onpolicy_every, total)
-            plans = {e: plan_of(e) for e in range(step // steps_per_epoch, (horizon - 1) // steps_per_epoch + 1)}
-            upcoming = [i for s in range(step, horizon)
-                        for mb in plans[s // steps_per_epoch][s % steps_per_epoch] for i in mb]
-            sampler.refresh(parallel.unwrap(model), step, upcoming, device, ctx)  # *current* weights
-            if cfg.loss in onpolicy.PG_LOSSES:   # the sampling policy's log-probs, in the training micro-batches
-                sampler.record_old_logps(parallel.unwrap(model), [mb for s in range(step, horizon) for mb in
-                                                                  plans[s // steps_per_epoch][s % steps_per_epoch]],
-                                         device, ctx)
-        acc = {}
-        for a, idx in enumerate(plan[k]):
-            if sampler is not None:
-                batch, ref = sampler.batch(idx, ref_model, device, ctx)
-            else:
-                batch, ref = make_batch(cfg, train_ex, idx, tok.pad_id, device, ctx, ref_table, ref_model)
-            with parallel.no_sync(model, a == len(plan[k]) - 1), ctx:
-                loss, m = compute_loss(cfg, model, batch, ref, lam)
-                if "loss_scale" in batch:      # on-policy micro-batch without a usable pair
-                    loss = loss * batch["loss_scale"]
-                (loss / len(plan[k])).backward()
-            # Running sums stay on the device (float64: the same sums Python floats gave): a float() per
-            # metric per micro-step would stall the GPU queue; they are read once, at log steps.
-            tokens = tokens + batch["attention_mask"].sum()
-            for key, v in {"loss": loss, **m}.items():
-                v = v.detach().double() if torch.is_tensor(v) else torch.tensor(float(v), dtype=torch.float64)
-                acc[key] = acc.get(key, 0.0) + v.to(device) / len(plan[k])
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-        if hasattr(gnorm, "full_tensor"):
-            gnorm = gnorm.full_tensor()
-        # One rank's NaN must stop every rank, or the others wait in the next collective until the timeout;
-        # a signal on any rank, or rank 0's clock, makes every rank save after this step (one all-reduce).
-        save_due = rank == 0 and cfg.save_every_min > 0 and time.time() - last_save >= 60 * cfg.save_every_min
-        bad, stopping, save_due = global_max([~(torch.isfinite(acc["loss"]) & torch.isfinite(gnorm)),
-                                              stop.signum or 0, save_due], device)
-        if bad:
-            last = checkpoint.latest(cfg.out_dir)
-            raise SystemExit(f"error: non-finite loss or grad norm at step {step} (rank {rank}: loss "
-                             f"{float(acc['loss'])}, grad norm {float(gnorm)}); stopping without saving. "
-                             f"Last good checkpoint: {last or 'none'}")
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        busy += time.time() - t0
-        state = {"step": step + 1, "epoch": (step + 1) // steps_per_epoch, **run_info}
-        bar.update(1)
-        if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            # The global mean, not rank 0's share, and every rank's real token count (rows differ in length):
-            # every rank joins this one reduce.
-            vals = parallel.all_reduce(torch.stack(list(acc.values()) + [tokens.double()]))
-            acc = dict(zip(acc, (vals[:-1] / world).tolist()))
-            tokens = float(vals[-1])
-        if rank == 0 and (state["step"] % cfg.log_every == 0 or state["step"] == total):
-            dt = max(busy, 1e-9)
-            rec = {"step": state["step"], "lr": lr, **({"lam": lam} if cfg.loss == "ift" else {}),
-                   "grad_norm": float(gnorm), "tok_s": tokens / dt, **acc}
-            mfu = memplan.mfu(flops_tok, tokens, dt, peak, world)
-            if mfu is not None:
-                rec["mfu"] = mfu
-            if device.type == "cuda":
-                rec["mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-            if sampler is not None:
-                rec.update(sampler.stats)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-            live.log(rec)
-            bar.set_postfix(loss=f"{acc['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / dt:.0f}",
-                            **({"mfu": f"{rec['mfu']:.1%}"} if "mfu" in rec else {}))
-            if not show_bar:
-                print(f"step {state['step']}/{total} | loss {acc['loss']:.4f} | lr {lr:.2e} | {tokens / dt:.0f} tok/s"
-                      + (f" | mfu {rec['mfu']:.1%}" if "mfu" in rec else "") + f" | {time.time() - t_start:.0f} s",
-                      flush=True)
-            last_log, busy = rec, 0.0
-        if state["step"] % cfg.log_every == 0 or state["step"] == total:
-            tokens = 0
-        if cfg.eval_every and state["step"] % cfg.eval_every == 0:
-            ev = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, eval_ref_table, ref_model, rank, world)
-            if rank == 0 and ev:
-                (bar.write if show_bar else print)(f"step {state['step']} | " + " ".join(f"{k} {v:.4f}" for k, v in ev.items()))
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"step": state["step"], **ev}) + "\n")
-                live.log({"step": state["step"], **ev})
-        periodic = cfg.save_every and state["step"] % cfg.save_every == 0
-        if state["step"] < total and (periodic or save_due or stopping):
-            path, last_save = save(state), time.time()
-            if stopping:
-                bar.close()
-                live.close()
-                return {"checkpoint": path, "step": state["step"], "total": total,
-                        "exit_code": interrupt.EXIT_CODES[stopping], "interrupted": interrupt.signal_name(stopping)}
-    bar.close()
-    live.close()
-    path = save(state)
-    summary = {"final_train_loss": last_log.get("loss"), "tok_s": last_log.get("tok_s"), "checkpoint": path}
-    summary.update(final_eval(cfg, model, tok, eval_ex, demo_eval_rows, device, ctx, eval_ref_table, ref_model, rank,
-                              world))
-    if rank == 0:
-        print(json.dumps(summary))
-        plot_curve(metrics_path)
-    return summary
-
-
-def final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world):
+def final_eval(run):
     """Held-out metrics, and on the demo task the generation exact match: the end of a run and --eval_only."""
-    out = evaluate(cfg, model, eval_ex, tok.pad_id, device, ctx, ref_table, ref_model, rank, world)
-    if demo_rows is not None and cfg.gen_eval:
-        em, example = generation_exact_match(parallel.unwrap(model), tok, demo_rows, cfg.gen_eval, device, ctx,
-                                             rank, world)
+    out = evaluate(run)
+    if run.demo_rows is not None and run.cfg.gen_eval:
+        em, example = generation_exact_match(parallel.unwrap(run.model), run.tok, run.demo_rows, run.cfg.gen_eval,
+                                             run.device, run.ctx, run.rank, run.world)
         out["heldout_exact_match"] = em
-        if rank == 0:
-            print(f"held-out generation exact match: {em:.3f} on {min(cfg.gen_eval, len(demo_rows))} "
+        if run.rank == 0:
+            print(f"held-out generation exact match: {em:.3f} on {min(run.cfg.gen_eval, len(run.demo_rows))} "
                   f"prompts (e.g. {example!r})")
     return out
 
 
-def evaluate_only(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model, rank, world, what):
+def evaluate_only(run, what):
     """--eval_only: the held-out figures of `what` (init_from, or out_dir's newest checkpoint with --resume,
     then exactly those of the run's own final evaluation); writes nothing (no checkpoint, metrics or cache)."""
-    summary = {"evaluated": what, **final_eval(cfg, model, tok, eval_ex, demo_rows, device, ctx, ref_table, ref_model,
-                                               rank, world)}
-    if rank == 0:
+    summary = {"evaluated": what, **final_eval(run)}
+    if run.rank == 0:
         print(json.dumps(summary))
     return summary
 
@@ -895,6 +897,30 @@ def plot_curve(metrics_path):
         plt.xlabel("step"), plt.ylabel("loss"), plt.legend()
         plt.savefig(metrics_path.replace(".jsonl", ".png"), dpi=100)
         plt.close()
+
+
+# ---------------------------------------------------------------------------- entry points
+def main(argv=None):
+    cfg = parse_config(sys.argv[1:] if argv is None else argv)
+    rank, gpu, world, distributed = parallel.setup(cfg.dist_timeout_s)
+    with interrupt.StopRequest(verbose=rank == 0) as stop:
+        out = train(cfg, rank, gpu, world, distributed, stop)
+    # Only after a clean finish (a rank that failed may have left the others inside a collective, where a
+    # destroy would hang: torchrun ends the job instead), and all ranks together, so none tears down its
+    # connections while another still writes or reads.
+    parallel.shutdown()
+    if out.get("interrupted"):
+        stopped(out, rank, sys.argv[1:] if argv is None else argv)
+    return out
+
+
+def stopped(out, rank, argv):
+    """After a SIGINT/SIGTERM save: where the run stands, how to continue it, and the signal's exit code."""
+    script = sys.argv[0] if sys.argv[0].endswith("train.py") else "train.py"
+    if rank == 0:
+        print(f"{out['interrupted']}: stopped after step {out['step']} of {out['total']}, saved {out['checkpoint']}\n"
+              f"resume with: {interrupt.resume_command(argv, script)}", file=sys.stderr, flush=True)
+    sys.exit(out["exit_code"])
 
 
 def cli(argv):

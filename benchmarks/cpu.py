@@ -18,7 +18,7 @@ import time
 
 import torch
 
-import refcache
+import reference
 from generate import generate
 from infra import hf_io
 from model import ModelArgs, Transformer
@@ -250,7 +250,7 @@ def _scale_child(mode, path, tok_path, cache):
     else:
         ex, _ = tokcache.load(data.load_sft, path, tok, cache, 0, False, max_length=2048)
     n_tok = sum(train.example_lengths(ex))
-    refcache.data_fingerprint(tok, ex)           # every start hashes the examples too
+    reference.data_fingerprint(tok, ex)           # every start hashes the examples too
     dt = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     print(json.dumps({"s": dt, "rows": len(ex), "tokens": n_tok, "rss_mib": peak / 1024, "grew_mib": (peak - base) / 1024}))
@@ -261,7 +261,7 @@ def bench_scale(rows=None):
     cache, and mapped from it (rows/s, peak RSS); reference log-prob precompute pairs/s; the memory plan."""
     import data, tokenizer
     from infra import memplan
-    import refcache
+    import reference
     rows = rows or int(os.environ.get("BENCH_SCALE_ROWS", 20000))
     with tempfile.TemporaryDirectory() as d:
         tok = tokenizer.train_tokenizer(data.corpus_text(_chat_rows(300, 1, 120)), f"{d}/tok", 8000)
@@ -285,14 +285,14 @@ def bench_scale(rows=None):
               f"{res['cached']['rows'] / res['cached']['s']:.0f} rows/s = {res['lists']['s'] / res['cached']['s']:.0f}x "
               f"faster, peak RSS growth {res['cached']['grew_mib']:.0f} MiB "
               f"({res['cached']['grew_mib'] * 2**20 / r['tokens']:.1f} B/token)")
-    # reference log-probs, one process, the small model: pairs/s of refcache.precompute
+    # reference log-probs, one process, the small model: pairs/s of reference.precompute
     with tempfile.TemporaryDirectory() as d:
         tok = tokenizer.train_tokenizer(data.corpus_text(data.synthetic_pairs(300, 0)), f"{d}/tok", 512)
         ex, _ = data.load_pairs(data.synthetic_pairs(256, 1), tok, 256, 128)
         model = Transformer(small_args(tok.vocab_size)).init_weights(seed=0)
         batches = [list(range(i, min(i + 32, len(ex)))) for i in range(0, len(ex), 32)]
         t = time.perf_counter()
-        refcache.precompute(model, ex, batches, tok.pad_id, False, torch.device("cpu"), contextlib.nullcontext(),
+        reference.precompute(model, ex, batches, tok.pad_id, False, torch.device("cpu"), contextlib.nullcontext(),
                             f"{d}/ref.pt", 0, 1, progress=False)
         dt = time.perf_counter() - t
         print(f"reference log-probs (small model, {len(ex)} synthetic pairs, batches of 32): {len(ex) / dt:.0f} pairs/s")

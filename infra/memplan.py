@@ -78,7 +78,7 @@ def plan(a, world: int, parallel: str, micro_batch_size: int, seq_len: int, opti
          weight_decay: float = 0.0, reference: bool = False) -> dict:
     """{term: GiB per GPU, ..., "total"}; parallel: "single", "ddp" or "fsdp"; impl: the optimizer step,
     "fused", "foreach" or "per_tensor" ("" = what train.py picks on CUDA); reference: a frozen reference
-    model is kept (train.needs_frozen_reference)."""
+    model is kept (reference.needs_model)."""
     n, shard = n_params(a), (world if parallel == "fsdp" else 1)
     act_bytes = 2 if bf16 else 4
     root = a.vocab_size * a.dim * (1 if a.tie_word_embeddings else 2)

@@ -69,7 +69,7 @@ class CachedExamples(Sequence):
         return {k: v.tolist() for k, v in self.arrays(i).items()}
 
     def arrays(self, i):
-        """Example i as int64 numpy arrays (what refcache.data_fingerprint hashes, without Python lists)."""
+        """Example i as int64 numpy arrays (what reference.data_fingerprint hashes, without Python lists)."""
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):

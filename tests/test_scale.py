@@ -7,7 +7,7 @@ import textwrap
 import pytest
 import torch
 
-import refcache
+import reference
 from infra import hf_io
 from test_distributed import GUARD, ROOT, metrics, torchrun  # noqa: F401
 from test_train import TINY
@@ -252,7 +252,7 @@ def test_tokenization_cache_hits_on_the_second_start_and_stores_under_5_bytes_a_
             assert not calls and isinstance(again, tokcache.CachedExamples)
             assert list(again) == want and again[-1] == want[-1] and again[1:3] == want[1:3]
             assert again.lengths() == train.example_lengths(want) and not calls
-            assert refcache.data_fingerprint(tok, again) == refcache.data_fingerprint(tok, want)
+            assert reference.data_fingerprint(tok, again) == reference.data_fingerprint(tok, want)
             tokcache.load(load, str(src), tok, cache, 0, False, **{**kw, "max_length": 30})  # other lengths
             assert calls                                                           # miss: tokenized again
         d = stats["cache"]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import refcache
+import reference
 import tokenizer
 import train
 from infra import hf_io
@@ -94,7 +94,7 @@ def test_mixture_with_caps_and_fingerprint(tok, files):
     assert st["sources"] == [{"source": f"{a}:3", "files": 1, "rows": 3}, {"source": b, "files": 1, "rows": 4}]
     assert st["rows"] == st["examples"] == 7
     assert data.load_sft(f"{a}:99", tok)[1]["sources"][0]["rows"] == 5          # a cap past the end: all rows
-    fp = lambda spec: refcache.data_fingerprint(tok, data.load_sft(spec, tok)[0])
+    fp = lambda spec: reference.data_fingerprint(tok, data.load_sft(spec, tok)[0])
     assert fp(f"{a}:3,{b}") == fp(f"{a}:3,{b}") != fp(f"{a}:2,{b}")               # the cap moves the fingerprint
     assert data.parse_sources("x:y.jsonl, z.json:12") == [("x:y.jsonl", None), ("z.json", 12)]   # only digits cap
     with pytest.raises(data.DataError, match="at least 1"):

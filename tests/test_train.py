@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
-import refcache
+import reference
 import tokenizer
 import train
 from conftest import teardown_abort_only
@@ -118,7 +118,7 @@ def test_precomputed_reference_equals_online_and_cache_is_keyed(tmp_path, tok_pa
     ex, _ = data.load_pairs(data.synthetic_pairs(8, 0), tok, 1024, 512)
     m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=16, hidden_dim=64,
                                           vocab_size=320)).init_weights(seed=0)
-    fp = lambda examples: refcache.fingerprint(cfg, refcache.data_fingerprint(tok, examples), m)
+    fp = lambda examples: reference.fingerprint(cfg, reference.data_fingerprint(tok, examples), m)
     f0 = fp(ex)
     assert fp(ex) == f0
     assert fp(ex[:-1]) != f0                                   # a changed dataset

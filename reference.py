@@ -1,8 +1,11 @@
 """
-Reference log-probs for DPO / IPO / KTO, computed once with the initial model (= the reference) and
-cached on disk, so training holds one model only.
+The reference policy of DPO / IPO / KTO (and of PPO/GRPO's KL term): the initial model, behind one object.
+It takes one of two forms:
+  tables  --ref=precompute (offline): every example's summed log-probs, computed once and cached on disk,
+          so training holds one model only;
+  model   --ref=online, and every on-policy run (fresh samples need a live reference): a frozen copy.
 
-Two things make the cached values equal to what a frozen reference would give *inside* the training step:
+Two things make cached values equal to what a frozen reference would give *inside* the training step:
 - the same precision: they are computed by the wrapped policy itself (FSDP2's bf16 parameters, or the
   same autocast context), never by an fp32 copy next to a bf16 policy, which would bias every margin;
 - the same batches: each rank computes its own micro-batches of the first epoch exactly as training will
@@ -10,6 +13,7 @@ Two things make the cached values equal to what a frozen reference would give *i
   DPO loss ln 2). Rows that epoch never visits are spread over the ranks; every rank runs the same number
   of forwards (FSDP2's all-gathers), and one sum over ranks fills the table.
 """
+import copy
 import hashlib
 import json
 import os
@@ -20,7 +24,72 @@ import torch
 
 import data
 import ift
-from infra import parallel
+import onpolicy
+from infra import atomic, hf_io, parallel
+
+NEEDS_REF = ("dpo", "ipo", "kto")
+
+
+def needs_model(cfg) -> bool:
+    """A frozen copy: --ref=online, or on-policy DPO/IPO/KTO, or PPO/GRPO with a KL term."""
+    pg_kl = cfg.loss in onpolicy.PG_LOSSES and cfg.kl_coef > 0
+    return (cfg.loss in NEEDS_REF or pg_kl) and not cfg.reference_free and (cfg.ref == "online" or bool(cfg.onpolicy_every))
+
+
+def needs_tables(cfg) -> bool:
+    return cfg.loss in NEEDS_REF and not cfg.reference_free and cfg.ref == "precompute" and not cfg.onpolicy_every
+
+
+class Reference:
+    """model: the frozen copy (or None); tables: {"train", "eval"} -> [N, 3] summed log-probs (chosen, rejected,
+    KTO's KL row) or None; keys: the tables' cache keys."""
+
+    def __init__(self, model=None, keys=None):
+        self.model, self.keys, self.tables = model, keys, {"train": None, "eval": None}
+
+    @classmethod
+    def of_initial_model(cls, cfg, model, tok, data_fp, eval_ex, device, bf16, distributed, world):
+        """Before the policy is wrapped: its frozen copy, or the cache keys of its tables (from these initial
+        weights), or None when the objective needs no reference."""
+        fsdp = distributed and cfg.parallel == "fsdp"
+        if needs_model(cfg):
+            return cls(model=frozen_copy(cfg, model, device, bf16, fsdp))
+        if needs_tables(cfg):
+            mode = f"{'bf16' if bf16 else 'fp32'}-{cfg.parallel if distributed else 'single'}"
+            train_key = f"{mode}-mb{cfg.micro_batch_size}-acc{cfg.grad_accum}-seed{cfg.seed}-world{world}"
+            return cls(keys={"train": fingerprint(cfg, data_fp, model, train_key),
+                             "eval": fingerprint(cfg, data_fingerprint(tok, eval_ex), model,
+                                                 f"{mode}-mb{cfg.micro_batch_size}-world{world}")})
+        return None
+
+    def compute_tables(self, cfg, model, train_ex, eval_ex, plans0, pad_id, device, ctx, rank, world):
+        """The tables, computed by the wrapped policy before any step (read from out_dir's cache when there;
+        --eval_only neither reads nor writes the cache). plans0: every rank's first-epoch batch plan."""
+        kto, mbs = cfg.loss == "kto", cfg.micro_batch_size
+        for split, ex, batches in (("train", train_ex, train_batches(plans0[rank], plans0, len(train_ex), mbs, rank, world)),
+                                   ("eval", eval_ex, eval_batches(len(eval_ex), mbs, rank, world, kto))):
+            path = None if cfg.eval_only else os.path.join(cfg.out_dir, f"ref_logps-{cfg.loss}-{self.keys[split]}.pt")
+            self.tables[split] = precompute(parallel.unwrap(model), ex, batches, pad_id, kto, device, ctx, path, rank,
+                                            world, cfg.progress) if ex else None
+
+    def logps(self, batch, idx, split, device, ctx):
+        """The reference's summed log-probs of a pair micro-batch: [2B] chosen then rejected (+ KTO's B KL rows)."""
+        table = self.tables[split]
+        if table is not None:
+            return torch.cat([table[idx, 0], table[idx, 1]] + ([table[idx, 2]] if "kl" in batch else [])).to(device)
+        if self.model is not None:
+            with ctx:        # the policy's compute context: margins start at 0 exactly
+                return reference_logps(self.model, batch)
+        return None
+
+
+def frozen_copy(cfg, model, device, bf16, fsdp):
+    """The initial model, frozen. Under FSDP2 it is sharded like the policy, so it computes exactly as the
+    policy does (bf16 parameters); elsewhere it runs in the policy's autocast context (Reference.logps)."""
+    if fsdp and cfg.init_from:    # the policy was loaded sharded: load the reference the same way
+        return hf_io.load_model_sharded(cfg.init_from, device, bf16).eval().requires_grad_(False)
+    ref = copy.deepcopy(model).eval().requires_grad_(False)
+    return parallel.wrap(ref, "fsdp", device, bf16, True) if fsdp else ref
 
 
 @torch.no_grad()
@@ -31,9 +100,9 @@ def reference_logps(ref_model, batch):
 
 
 def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, world, progress=True):
-    """[N, 3] table (chosen, rejected, KTO KL row) of summed reference log-probs, read from `path` if
-    cached there (path None: computed, never cached). `batches`: this rank's lists of example indices (None = a dummy forward that keeps the
-    ranks in step). Rank 0 writes the cache (temp file + rename)."""
+    """[N, 3] table (chosen, rejected, KTO KL row) of summed reference log-probs, read from `path` if cached
+    there (path None: computed, never cached). `batches`: this rank's lists of example indices (None = a dummy
+    forward that keeps the ranks in step). Rank 0 writes the cache."""
     # Rank 0's view decides (a shared filesystem may show the file to some ranks only; ranks that skipped
     # the forwards would leave the others alone in FSDP2's all-gathers), and rank 0 reads it for everyone.
     if path is not None and parallel.broadcast_object(os.path.isfile(path)):
@@ -57,10 +126,7 @@ def precompute(model, examples, batches, pad_id, kto, device, ctx, path, rank, w
     model.train(was_training)
     out = parallel.all_reduce(out).cpu()      # each row was filled by exactly one rank: x + 0 = x exactly
     if rank == 0 and path is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(out, tmp)
-        os.replace(tmp, path)
+        atomic.write_file(path, lambda tmp: torch.save(out, tmp))
     parallel.barrier()
     return out
 
