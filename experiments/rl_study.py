@@ -17,7 +17,7 @@ from dataclasses import dataclass, asdict
 
 import torch
 
-import data
+import tokenizer
 import train
 from experiments import study
 from infra import flags
@@ -60,7 +60,7 @@ def one_seed(cfg, seed):
     torch.set_num_threads(1)
     scfg = study.Config(n_train=cfg.n_train, n_heldout=cfg.n_heldout, vocab_size=cfg.vocab_size, out_dir=cfg.out_dir)
     tok_path = study.seed_tokenizer(scfg, seed)
-    tok, rows = data.Tokenizer(tok_path), study.heldout_rows(scfg, seed)
+    tok, rows = tokenizer.Tokenizer(tok_path), study.heldout_rows(scfg, seed)
     base = [f"--seed={seed}", f"--n_train={cfg.n_train}", "--n_eval=0", "--gen_eval=0", "--progress=false",
             "--log_every=10", "--overwrite=true"]
     start_dir = os.path.join(cfg.out_dir, f"seed{seed}", "sft")

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-import train
+from infra import checkpoint
 from test_train import ROOT, TINY, weights
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
@@ -83,7 +83,7 @@ def test_signal_saves_then_resume_is_bit_identical(tmp_path, tok_path, nproc, si
     assert "Traceback" not in stdout + ours
     # torchrun's agent ends with a traceback of its own (SignalException or ChildFailedError): not the workers'
     assert "Traceback" not in launcher or (nproc > 1 and "torch/distributed/run.py" in launcher)
-    saved = train.list_checkpoints(str(out))
+    saved = checkpoint.list_checkpoints(str(out))
     assert len(saved) == 1, (saved, stderr[-2000:])
     step = torch.load(os.path.join(saved[0], "trainer_state.pt"), weights_only=True)["step"]
     assert 3 <= step < STEPS
