@@ -228,15 +228,8 @@ def load_data(cfg, rank, use_cache=True):
                 sys.exit(f"error: cannot train a {cfg.vocab_size}-piece tokenizer on {cfg.data or 'the demo data'} "
                          f"(--vocab_size; its 256 byte pieces come first): {str(e).splitlines()[-1]}")
         parallel.barrier()
-    try:
-        tok = tokenizer.load_tokenizer(tok_path)
-    except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: tokenizer: {e}")
-    check_vocab(cfg, tok)
-    load = data.load_pairs if pairwise else data.load_sft
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length, prompt_from_chosen=cfg.prompt_from_chosen) \
-        if pairwise else dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
-    kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
+    tok = open_tokenizer(cfg, tok_path)
+    load, kw = example_loader(cfg)
     cache = "" if cfg.data_cache == "none" or not use_cache else cfg.data_cache or os.path.join(cfg.out_dir, "data_cache")
     train, stats = tokcache.load(load, train_src, tok, cache, rank, cfg.progress, split=cfg.split, **kw)
     evals = tokcache.load(load, eval_src, tok, cache, rank, cfg.progress, split=cfg.eval_split, **kw)[0] \
@@ -282,23 +275,35 @@ def load_eval_only(cfg, rank):
         if not found:
             sys.exit("error: --eval_only needs a model: --init_from=CHECKPOINT (or --resume in a run's --out_dir)")
         tok_path = found[-1]
-    try:
-        tok = tokenizer.load_tokenizer(tok_path)
-    except (OSError, ValueError, ImportError) as e:
-        sys.exit(f"error: tokenizer: {e}")
-    check_vocab(cfg, tok)
-    load = data.load_pairs if pairwise else data.load_sft
-    kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-              prompt_from_chosen=cfg.prompt_from_chosen) if pairwise else \
-        dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
-    evals, stats = load(src, tok, split=cfg.eval_split, empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts,
-                        progress=cfg.progress and rank == 0, **kw)
+    tok = open_tokenizer(cfg, tok_path)
+    load, kw = example_loader(cfg)
+    evals, stats = load(src, tok, split=cfg.eval_split, progress=cfg.progress and rank == 0, **kw)
     if rank == 0:
         stats.pop("sources", None)
         print(f"data: {len(evals)} eval examples from {cfg.eval_data or 'the demo task'}; {stats}")
     if not evals:
         sys.exit(f"error: no held-out example left in {cfg.eval_data or 'the demo rows'} after truncation")
     return tok, [], evals, demo
+
+
+def open_tokenizer(cfg, tok_path):
+    try:
+        tok = tokenizer.load_tokenizer(tok_path)
+    except (OSError, ValueError, ImportError) as e:
+        sys.exit(f"error: tokenizer: {e}")
+    check_vocab(cfg, tok)
+    return tok
+
+
+def example_loader(cfg):
+    """(data.load_pairs or data.load_sft, its options from the config) for --loss."""
+    if cfg.loss in PAIRWISE:
+        kw = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  prompt_from_chosen=cfg.prompt_from_chosen)
+    else:
+        kw = dict(max_length=cfg.max_length, last_turn_only=cfg.last_turn_only)
+    kw.update(empty_system=cfg.empty_system, dedup_prompts=cfg.dedup_prompts)
+    return (data.load_pairs if cfg.loss in PAIRWISE else data.load_sft), kw
 
 
 def check_vocab(cfg, tok):

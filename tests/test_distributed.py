@@ -187,17 +187,24 @@ def test_resume_of_a_sampled_run_is_bit_identical(tmp_path, tok_path, loss, samp
     common = TINY + [f"--tokenizer={tok_path}", f"--loss={loss}", f"--sampling={sampling}", "--onpolicy_every=2",
                      "--n_samples=3", "--max_new_tokens=5", "--reward=demo", "--pair_threshold=0",
                      "--micro_batch_size=8", "--max_steps=6", "--save_every=3"]
+    full, cut = run_and_resume_from_step_3(common, tmp_path)
+    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(cut)]
+
+
+def run_and_resume_from_step_3(common, tmp_path):
+    """A 6-step run saving every 3 steps, and a copy of it resumed from step 3 as if killed after writing that
+    checkpoint (its later records dropped): (full, resumed) directories, their final weights checked equal."""
     full, cut = tmp_path / "full", tmp_path / "cut"
     train.main(common + [f"--out_dir={full}"])
     shutil.copytree(full, cut)
-    shutil.rmtree(cut / "ckpt-000006")       # as if killed after writing step 3
+    shutil.rmtree(cut / "ckpt-000006")
     with open(cut / "metrics.jsonl") as f:
         kept = [l for l in f if json.loads(l)["step"] <= 3]
     open(cut / "metrics.jsonl", "w").writelines(kept)
     train.main(common + [f"--out_dir={cut}", "--resume=true"])
     a, b = weights(full), weights(cut)
     assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [r["loss"] for r in metrics(full)] == [r["loss"] for r in metrics(cut)]
+    return full, cut
 
 
 def test_resume_refuses_another_batch_schedule(tmp_path, tok_path):

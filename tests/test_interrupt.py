@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from infra import checkpoint
-from test_train import ROOT, TINY, weights
+from test_train import ROOT, TINY, sigkill_once_saved, weights
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 STEPS = 30
@@ -103,14 +103,7 @@ def test_sigkill_after_wall_time_save_resumes_from_it(tmp_path, tok_path):
     ref = tmp_path / "ref"
     finished_run(common + [f"--out_dir={ref}"], 1)
     out = tmp_path / "killed"
-    p = subprocess.Popen(command(common + [f"--out_dir={out}"], 1), env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.isfile(out / "ckpt-000004" / "trainer_state.pt") and time.time() < deadline:
-        time.sleep(0.02)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not os.path.isdir(out / "ckpt-000008"), "the run finished before it could be killed"
+    sigkill_once_saved(command(common + [f"--out_dir={out}"], 1), out)
     assert sorted(glob.glob(str(out / "ckpt-00000[1-4]"))) and os.path.isdir(out / "ckpt-000001")
     finished_run(common + [f"--out_dir={out}", "--resume"], 1)
     assert records(out) == records(ref)

@@ -315,22 +315,11 @@ def test_two_process_pg_run_equals_single_process(tmp_path, tok_path, parallel, 
 def test_resume_inside_a_pg_round_is_bit_identical(tmp_path, tok_path, loss):
     """The checkpoint at step 3 lies inside the round drawn at step 2: the resumed run must reuse its samples,
     advantages and recorded old log-probs (and PPO's running reward statistics), not recompute them."""
-    import shutil
-    from test_distributed import metrics
-    from test_train import weights
+    from test_distributed import metrics, run_and_resume_from_step_3
     common = TINY + [f"--tokenizer={tok_path}", f"--loss={loss}", "--onpolicy_every=2", "--n_samples=3",
                      "--max_new_tokens=5", "--reward=length", "--micro_batch_size=4", "--max_steps=6", "--save_every=3",
                      "--clip_low=0.05", "--clip_high=0.05"]
-    full, cut = tmp_path / "full", tmp_path / "cut"
-    train.main(common + [f"--out_dir={full}"])
-    shutil.copytree(full, cut)
-    shutil.rmtree(cut / "ckpt-000006")
-    with open(cut / "metrics.jsonl") as f:
-        kept = [l for l in f if json.loads(l)["step"] <= 3]
-    open(cut / "metrics.jsonl", "w").writelines(kept)
-    train.main(common + [f"--out_dir={cut}", "--resume=true"])
-    a, b = weights(full), weights(cut)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    full, cut = run_and_resume_from_step_3(common, tmp_path)
     ra, rb = metrics(full), metrics(cut)
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb] and ra[3]["ratio_dev"] > 0   # step 4: reused round
 

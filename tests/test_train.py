@@ -67,19 +67,24 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, tok_path):
     common = TINY + [f"--tokenizer={tok_path}", "--loss=ift", "--max_steps=8", "--save_every=2",
                      "--micro_batch_size=8", "--keep_last=10"]
     run(common + [f"--out_dir={tmp_path / 'ref'}"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py")] + common + [f"--out_dir={out}"],
-                         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while not os.path.isfile(out / "ckpt-000004" / "trainer_state.pt") and time.time() < deadline:
-        time.sleep(0.05)
-    p.send_signal(signal.SIGKILL)
-    p.wait()
-    assert not os.path.isdir(out / "ckpt-000008"), "the run finished before it could be killed"
+    sigkill_once_saved([sys.executable, os.path.join(ROOT, "train.py")] + common + [f"--out_dir={out}"], out)
     run(common + [f"--out_dir={out}", "--resume=true"])
     a, b = weights(tmp_path / "ref"), weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sigkill_once_saved(cmd, out, step=4, last=8):
+    """Run `cmd` (a training run writing into `out`) and SIGKILL it as soon as its step-`step` checkpoint is
+    complete, before the run reaches step `last`."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
+    p = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not os.path.isfile(out / f"ckpt-{step:06d}" / "trainer_state.pt") and time.time() < deadline:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not os.path.isdir(out / f"ckpt-{last:06d}"), "the run finished before it could be killed"
 
 
 def test_interrupted_checkpoint_write_never_shadows_the_last_good_one(tmp_path):
