@@ -14,6 +14,7 @@ import sys
 import numpy as np
 import torch
 
+import tasks
 from tokenizer import EOS_TEXT, IGNORE, DataError, chat_text, check_messages, load_tokenizer, render_chat
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -62,14 +63,13 @@ def task_messages(row, where="row"):
     the worked answer ending "#### N"; ARC (AI2 or HF layout, with answerKey) -> eval_gen's arc_gen user
     message, and "The best answer is X." So a benchmark training file is SFT data and, on-policy, a reward
     source (onpolicy.gsm8k_reward / arc_reward read the gold answer from the same row)."""
-    import eval_gen   # imported here: eval_gen builds on this module
     try:
         if "answerKey" in row:
-            q = eval_gen.parse_arc(row, where)
-            answer = f"{eval_gen.ARC_PREFILL} {eval_gen.LETTERS[q['gold']]}."
-            return [{"role": "user", "content": eval_gen.arc_user_message(q)}, {"role": "assistant", "content": answer}]
-        q = eval_gen.parse_gsm8k(row, where)
-    except eval_gen.TaskDataError as e:
+            q = tasks.parse_arc(row, where)
+            answer = f"{tasks.ARC_PREFILL} {tasks.LETTERS[q['gold']]}."
+            return [{"role": "user", "content": tasks.arc_user_message(q)}, {"role": "assistant", "content": answer}]
+        q = tasks.parse_gsm8k(row, where)
+    except tasks.TaskDataError as e:
         raise DataError(str(e)) from None
     return [{"role": "user", "content": q["question"]}, {"role": "assistant", "content": q["answer"]}]
 

@@ -23,8 +23,8 @@ from contextlib import nullcontext
 import torch
 
 import data
-import eval_gen
 import ift
+import tasks
 from generate import generate
 from infra import parallel
 
@@ -45,15 +45,15 @@ def length_reward(prompt: str, response: str) -> float:
 def gsm8k_reward(prompt: str, response: str, row: dict) -> float:
     """1 if the response's final number equals the gold answer's ("#### N" of a GSM8K row), else 0: the
     extraction eval_gen scores GSM8K with (the first "#### N", else the last number)."""
-    gold = eval_gen.parse_gsm8k(row, "the data row")["gold"]
-    strict, flexible = eval_gen.gsm8k_extract(eval_gen.truncate_at_stops(response, eval_gen.GSM8K_STOPS))
-    return float(eval_gen.normalize_number(strict if strict is not None else flexible) == gold)
+    gold = tasks.parse_gsm8k(row, "the data row")["gold"]
+    strict, flexible = tasks.gsm8k_extract(tasks.truncate_at_stops(response, tasks.GSM8K_STOPS))
+    return float(tasks.normalize_number(strict if strict is not None else flexible) == gold)
 
 
 def arc_reward(prompt: str, response: str, row: dict) -> float:
     """1 if the letter the response chooses (eval_gen's lenient ARC extraction) is the row's answerKey."""
-    q = eval_gen.parse_arc(row, "the data row")
-    return float(eval_gen.arc_lenient(response, len(q["choices"])) == eval_gen.LETTERS[q["gold"]])
+    q = tasks.parse_arc(row, "the data row")
+    return float(tasks.arc_lenient(response, len(q["choices"])) == tasks.LETTERS[q["gold"]])
 
 
 REWARDS = {"demo": demo_reward, "length": length_reward, "gsm8k": gsm8k_reward, "arc": arc_reward}
