@@ -74,7 +74,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import time
 
 import torch
@@ -82,7 +81,7 @@ import torch
 import data
 import tokenizer
 from generate import generate
-from infra import flags, hf_io, parallel
+from infra import atomic, flags, hf_io, parallel
 from infra.checkpoint import resolve_model
 from infra.hf_io import CheckpointError
 from tasks import (ARC_PREFILL, ARC_STOPS, GSM8K_STOPS, LETTERS, TaskDataError, arc_lenient, arc_strict,
@@ -373,21 +372,6 @@ def merge(parts):
     return sorted((r for part in parts for r in part), key=lambda r: r["idx"])
 
 
-def write_atomic(path, text):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)          # mkstemp's 0600 would hide results from colleagues
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def load_model(path, dtype, device, tokenizer_path=None):
     try:   # the checkpoint dir's tokenizer.json / tokenizer.model, or --tokenizer
         tok = tokenizer.load_tokenizer(tokenizer_path or path)
@@ -475,9 +459,9 @@ def main(argv=None):
                  world_size=world, device=str(device), bos=not args.no_bos, legacy=not args.non_legacy,
                  harness_literal_newlines=args.harness_literal_newlines,
                  harness_four_choices=args.harness_four_choices, compile=args.compile)
-        write_atomic(os.path.join(args.out, f"{args.task}.jsonl"),
+        atomic.write_text(os.path.join(args.out, f"{args.task}.jsonl"),
                      "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        write_atomic(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
+        atomic.write_text(os.path.join(args.out, f"{args.task}_summary.json"), json.dumps(s, indent=2) + "\n")
         print(one_line(s) + f" -> {os.path.join(args.out, args.task)}.jsonl")
     parallel.shutdown()             # all ranks end together: none closes its connections while rank 0 writes
 

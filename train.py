@@ -30,7 +30,7 @@ import onpolicy
 import reference
 import tokenizer
 from generate import generate
-from infra import checkpoint, flags, hf_io, interrupt, loggers, memplan, parallel, tokcache
+from infra import atomic, checkpoint, flags, hf_io, interrupt, loggers, memplan, parallel, tokcache
 from infra.hf_io import CheckpointError
 from model import ModelArgs, Transformer
 from reference import Reference
@@ -878,9 +878,7 @@ def start_metrics(path, step):
     if step and os.path.isfile(path):
         with open(path) as f:
             keep = [l for l in f if _record_step(l) <= step]
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    atomic.write_text(path, "".join(keep))
 
 
 def plot_curve(metrics_path):

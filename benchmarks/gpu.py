@@ -67,7 +67,7 @@ import torch
 
 import ift
 from generate import generate
-from infra import flags
+from infra import atomic, flags
 from model import ModelArgs, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -872,17 +872,8 @@ PLAN = {"env": 0.0375, "parity": 0.0375, "train": 0.2, "torchrun": 0.2, "generat
 
 
 def write_json(path, obj):
-    """Temp file + rename: a run killed mid-write leaves the previous complete file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".bench_gpu.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """A run killed mid-write leaves the previous complete file (rewritten after every section)."""
+    atomic.write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def run_sections(r, sections, report, save=lambda rep: None, only=None):

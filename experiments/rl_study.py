@@ -20,7 +20,7 @@ import torch
 import tokenizer
 import train
 from experiments import study
-from infra import flags
+from infra import atomic, flags
 
 
 @dataclass
@@ -107,7 +107,7 @@ def main(argv=None):
     wall = time.time() - t0
     print(f"({wall:.0f} s)")
     report = {"config": asdict(cfg), "results": results, "comparisons": comps, "wall_s": wall}
-    study.write_atomic(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=1))
+    atomic.write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=1))
     return report
 
 

@@ -36,7 +36,7 @@ import data
 import ift
 import tokenizer
 import train
-from infra import checkpoint, flags, hf_io
+from infra import atomic, checkpoint, flags, hf_io
 
 
 @dataclass
@@ -252,10 +252,7 @@ def one_run(cfg, arm, seed):
     if not cfg.keep_checkpoints:
         for p in checkpoint.list_checkpoints(out_dir):
             shutil.rmtree(p, ignore_errors=True)
-    tmp = rec_path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(rec, f)
-    os.replace(tmp, rec_path)
+    atomic.write_text(rec_path, json.dumps(rec))
     return rec
 
 
@@ -344,13 +341,6 @@ def markdown(cfg, summ, seeds, wall_s, lake_md=""):
     return "\n".join(lines) + ("\n" + lake_md if lake_md else "")
 
 
-def write_atomic(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def parse(argv=None) -> Config:
     given = vars(flags.dataclass_parser(Config, __doc__.strip().split("\n\n")[0]).parse_args(argv))
     # --quick: tiny defaults; anything given on the command line still wins
@@ -378,8 +368,8 @@ def main(argv=None):
     md = markdown(cfg, summ, seeds, wall, lake_md)
     report = {"config": dataclasses.asdict(cfg), "seeds": seeds, "arms": arms, "wall_s": wall,
               "summary": summ, "runs": recs, "frozen_lake": lake}
-    write_atomic(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=1))
-    write_atomic(os.path.join(cfg.out_dir, "report.md"), md)
+    atomic.write_text(os.path.join(cfg.out_dir, "report.json"), json.dumps(report, indent=1))
+    atomic.write_text(os.path.join(cfg.out_dir, "report.md"), md)
     print(md)
     print(f"wrote {os.path.join(cfg.out_dir, 'report.md')} and report.json ({wall:.0f} s)")
     return report

@@ -181,7 +181,7 @@ def load_report(seconds: float, device, sharded: bool) -> str:
 
 
 def main():
-    """The README's "what fits where" table for Mistral-7B (python memplan.py)."""
+    """The "what fits where" table of docs/SCALE.md for Mistral-7B (python -m infra.memplan)."""
     from model import ModelArgs
     m7b = ModelArgs(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, head_dim=128, hidden_dim=14336, vocab_size=32000)
     print(f"Mistral-7B: {n_params(m7b) / 1e9:.2f} B parameters; micro-batch 8 x 1024, bf16 compute; the optimizer "

@@ -12,15 +12,13 @@ Supervised-token labels are stored in the ids' sign: a label is either -100 or t
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 
 import data
 import tokenizer
-from infra import parallel
+from infra import atomic, parallel
 
 VERSION = 1
 FIELDS = {"sft": ("input_ids",), "pairs": ("prompt_ids", "chosen_ids", "rejected_ids")}
@@ -101,21 +99,12 @@ def write(d, kind, examples, stats):
                 v = np.where(lab == tokenizer.IGNORE, -v - 1, v)
             tokens[j:j + len(v)] = v
             j += len(v)
-    parent = os.path.dirname(os.path.abspath(d))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".tmp-{os.path.basename(d)}-")
-    try:
+    def fill(tmp):
         np.save(os.path.join(tmp, "tokens.npy"), tokens)
         np.save(os.path.join(tmp, "offsets.npy"), offsets)
         with open(os.path.join(tmp, "meta.json"), "w") as f:
             json.dump({"version": VERSION, "kind": kind, "stats": stats}, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)     # mkdtemp made it 0700: the cache follows the umask like any file
-        os.rename(tmp, d)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    atomic.write_dir(d, fill)
 
 
 def load(load_fn, src, tok, cache_dir, rank, progress=True, **kw):
