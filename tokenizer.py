@@ -437,5 +437,8 @@ def train_tokenizer(texts, prefix_path, vocab_size=512):
         allow_whitespace_only_pieces=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         hard_vocab_limit=False, num_threads=1, minloglevel=2)
     path = os.fspath(prefix_path) + ".model"
-    atomic.write_file(path, lambda tmp: open(tmp, "wb").write(buf.getvalue()))
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+    atomic.write_file(path, write)
     return Tokenizer(path)

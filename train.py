@@ -56,7 +56,7 @@ class Config:
     empty_system: bool = False      # authors' convention: an empty system message when a conversation has none
     dedup_prompts: bool = False     # authors' convention: one example per prompt, the last one
     prompt_from_chosen: bool = False  # authors' convention: pair prompt = chosen[:-1]
-    data_cache: str = ""            # tokenized --data, memory-mapped (tokcache.py): "" = out_dir/data_cache | DIR | none
+    data_cache: str = ""            # tokenized --data, memory-mapped (infra/tokcache.py): "" = out_dir/data_cache | DIR | none
     # model
     init_from: str = ""             # Hugging Face checkpoint dir to start from; "" = random init of this shape:
     dim: int = 256                  # random init: hidden size
@@ -130,12 +130,12 @@ class Config:
     dry_run: bool = False           # print the config and the data plan, then exit before building the model
     save_every: int = 0             # checkpoint every N steps (0 = only at the end)
     save_every_min: float = 30.0    # also checkpoint when this many minutes passed since the last one (0 = off): a
-                                    # kill loses at most that; SIGINT/SIGTERM save at once (interrupt.py)
+                                    # kill loses at most that; SIGINT/SIGTERM save at once (infra/interrupt.py)
     keep_last: int = 2              # checkpoints kept (the newest is never deleted)
     eval_every: int = 0             # held-out loss every N steps (0 = only at the end)
     log_every: int = 10             # metrics every N steps (a plain line when the bar is off or not a terminal)
     log_to: str = ""                # also send metrics.jsonl's records to tensorboard | wandb | tensorboard,wandb
-                                    # (rank 0; loggers.py; each needs its package installed)
+                                    # (rank 0; infra/loggers.py; each needs its package installed)
     wandb_project: str = "nanoift"  # W&B project of --log_to=wandb (the run is named after out_dir)
     gen_eval: int = 100             # demo only: held-out generation exact match on this many prompts at the end
     progress: bool = True           # progress bars (only on a terminal)
@@ -407,7 +407,7 @@ def model_args(cfg, tok):
 
 
 def memory_plan(cfg, tok, device, world, distributed, bf16, rank):
-    """On a GPU, print the memory plan (memplan.py) and stop here, before the load, a run that cannot fit."""
+    """On a GPU, print the memory plan (infra/memplan.py) and stop here, before the load, a run that cannot fit."""
     a, par = model_args(cfg, tok), cfg.parallel if distributed else "single"
     per_sample = cfg.onpolicy_every and cfg.loss in ("rwr", "reinforce") + onpolicy.PG_LOSSES   # a row per sample
     rows = cfg.micro_batch_size * (cfg.n_samples if per_sample else 1)

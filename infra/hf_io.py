@@ -150,13 +150,13 @@ def read_weights(path, args: ModelArgs, shapes: dict, take):
                 keys = sorted(f.keys())
         for key in keys:
             name = key.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
-                continue  # recomputed / tied: stored copies are redundant
-            if name not in shapes:
-                raise CheckpointError(f"{fname}: unexpected key '{key}'")
             with _open_safetensors(fname) as f:
                 if key not in f.keys():
                     raise CheckpointError(f"{fname}: index says it holds '{key}', but it does not")
+                if name.endswith("rotary_emb.inv_freq") or (args.tie_word_embeddings and name == "lm_head.weight"):
+                    continue  # recomputed / tied: stored copies are redundant
+                if name not in shapes:
+                    raise CheckpointError(f"{fname}: unexpected key '{key}'")
                 tensor_slice = f.get_slice(key)
                 shape = tuple(tensor_slice.get_shape())
                 if shape != tuple(shapes[name]):

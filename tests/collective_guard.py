@@ -1,4 +1,4 @@
-"""Run train.py (under torchrun) with every torch.distributed collective checked for rule 1 of parallel.py:
+"""Run train.py (under torchrun) with every torch.distributed collective checked for rule 1 of infra/parallel.py:
 a tensor handed to a collective must live on the training device. On a CPU test machine every tensor is on
 the CPU, so the guard tags what *would* be on the CPU on a GPU run: tensors made by a factory without a
 `device=` argument. A collective on a tagged tensor raises, naming the call.
