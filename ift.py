@@ -391,6 +391,7 @@ def clipped_pg_loss(lp, old_lp, m, advantages, ref_lp=None, clip_low: float = 0.
     n = mf.sum().clamp(min=1)
     with torch.no_grad():
         lost = ((ratio * A) > (clipped * A)) & m
-        metrics.update(clip_frac=lost.sum() / n, ratio_dev=((ratio - 1).abs() * mf).max() if m.any() else
+        # masked tokens have ratio exp(0) = 1: they add 0 to the max, which needs no host-side m.any()
+        metrics.update(clip_frac=lost.sum() / n, ratio_dev=((ratio - 1).abs() * mf).amax() if ratio.numel() else
                        ratio.new_zeros(()), adv_mean=A.mean())
     return loss, metrics

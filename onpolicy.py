@@ -249,7 +249,7 @@ class Sampler:
             b = data.to_device(data.collate(self.pg_rows(idx), self.tok.pad_id), device)
             with ctx or nullcontext():
                 lp, m = ift.token_logps(model, b)
-            per_row = iter([lp[r][m[r]].cpu() for r in range(lp.shape[0])])
+            per_row = iter(lp[m].cpu().split(m.sum(1).tolist()))     # one copy to the host per micro-batch
             for i in idx:
                 self.old_logps.setdefault(i, [next(per_row) for _ in self.samples[i][0]])
         model.train(was_training)
